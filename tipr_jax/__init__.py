@@ -1,0 +1,1 @@
+"""tipr_jax: text-to-image person retrieval in JAX/Flax."""
