@@ -1,0 +1,144 @@
+"""Training output on process 0: JSON-lines metrics, TensorBoard events, progress lines, curves."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from tipr_jax.training.throughput import throughput_metrics
+
+
+def _plain(v: Any) -> Any:
+  if isinstance(v, (np.generic, np.ndarray)) and np.ndim(v) == 0:
+    return v.item()
+  if isinstance(v, jax.Array) and v.ndim == 0:
+    return np.asarray(v).item()
+  return v
+
+
+class MetricsWriter:
+  """Writes `metrics.jsonl` and TensorBoard event files in `workdir` (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(f"{kind}/{k}", v, int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Progress:
+  """Progress lines: step, loss, lr, pairs/s and ETA; compile steps excluded from the rate."""
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int = 0, *,
+               flops_per_pair: float = 0.0, num_devices: int = 1, device_kind: str = "cpu"):
+    self.total = total_steps
+    self.batch = global_batch
+    self.flops_per_pair = flops_per_pair
+    self.num_devices = num_devices
+    self.device_kind = device_kind
+    self._t0 = None
+    self._s0 = start_step
+
+  def mark_compiled(self, step: int) -> None:
+    """Starts the clock after the first (compiling) step."""
+    self._t0, self._s0 = time.perf_counter(), step
+
+  def rate(self, step: int) -> float:
+    if self._t0 is None or step <= self._s0:
+      return float("nan")
+    return (step - self._s0) / (time.perf_counter() - self._t0)
+
+  def throughput(self, step: int) -> dict[str, float]:
+    """pairs/s (total, per device), achieved TFLOP/s and MFU (known device kinds only)."""
+    return throughput_metrics(self.rate(step) * self.batch, num_devices=self.num_devices,
+                              flops_per_pair=self.flops_per_pair, device_kind=self.device_kind)
+
+  def line(self, step: int, epoch: int, metrics: dict[str, float]) -> str:
+    steps_per_s = self.rate(step)
+    eta = (self.total - step) / steps_per_s if steps_per_s == steps_per_s and steps_per_s else 0
+    parts = [f"step {step}/{self.total}", f"epoch {epoch}"]
+    for k in ("loss", "sdm_loss", "id_loss", "mlm_loss", "mlm_acc", "lr"):
+      if k in metrics:
+        parts.append(f"{k} {metrics[k]:.4g}")
+    parts.append(f"{steps_per_s * self.batch:.1f} pairs/s")
+    if "tflops_per_s" in metrics:
+      parts.append(f"{metrics['tflops_per_s']:.3g} TFLOP/s")
+    parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU unknown")
+    parts.append(f"ETA {_fmt_time(eta)}")
+    return " | ".join(parts)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def log(msg: str) -> None:
+  """Prints on process 0."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+    sys.stdout.flush()
+
+
+def plot_curves(workdir: str, out_png: str | None = None) -> str | None:
+  """Training loss and evaluation R@1 / mAP against step, from metrics.jsonl -> PNG path."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  train, evals = [], []
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      (train if row.get("kind") == "train" else evals).append(row)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for key in ("loss", "sdm_loss", "id_loss", "mlm_loss"):
+    pts = [(r["step"], r[key]) for r in train if key in r]
+    if pts:
+      axes[0].plot(*zip(*pts), label=key)
+  axes[0].set_xlabel("step")
+  axes[0].set_title("training losses")
+  axes[0].legend()
+  for key in ("R1", "R5", "mAP"):
+    for kind in sorted({r["kind"] for r in evals}):
+      pts = [(r["step"], r[key]) for r in evals if r["kind"] == kind and key in r]
+      if pts:
+        axes[1].plot(*zip(*pts), marker="o", label=f"{kind} {key}")
+  axes[1].set_xlabel("step")
+  axes[1].set_title("retrieval (text to image), %")
+  axes[1].legend()
+  fig.tight_layout()
+  out_png = out_png or os.path.join(workdir, "training_curves.png")
+  fig.savefig(out_png, dpi=100)
+  plt.close(fig)
+  return out_png
