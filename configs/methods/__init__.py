@@ -1,0 +1,1 @@
+"""Method configs: `configs/methods/<method>.py:<dataset>[,<preset>...]`."""
