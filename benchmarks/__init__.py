@@ -1,0 +1,1 @@
+"""Runnable benchmarks: python -m benchmarks.NAME; figures go to docs/performance.md."""
