@@ -10,61 +10,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import step_helpers
 from configs.methods import fmfa as fmfa_config
 from configs.methods import parts as parts_config
 from tipr_jax.losses import fine_grained as fg
 from tipr_jax.methods import build_method
-from tipr_jax.models.clip import CLIPConfig, eot_pool
+from tipr_jax.models.clip import eot_pool
 from tipr_jax.models.irra import IRRA
-from tipr_jax.training import optimizer, sharding
-from tipr_jax.training.train_step import create_train_state, jit_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 64
-NUM_CLASSES = 5
+NUM_CLASSES = step_helpers.NUM_CLASSES
 CONFIGS = {"fmfa": fmfa_config, "parts": parts_config}
 
 
 def _config(method, **overrides):
-  """The method's synthetic smoke config with the reference Adam eps (see test_train_step.py: with
-  eps 1e-8, parameters whose true gradient is 0 get rounding-noise updates of size lr)."""
-  c = CONFIGS[method].get_config("synthetic,smoke")
-  c.unlock()
-  c.optim.eps = 1e-3
-  c.optim.lr = 1e-3
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for k in path:
-      node = node[k]
-    node[last] = value
-  return c
+  """The method's synthetic smoke config (Adam eps 1e-3, lr 1e-3) with dotted-key overrides."""
+  return step_helpers.smoke_config(CONFIGS[method].get_config, "synthetic,smoke", **overrides)
 
 
-def _clip(c) -> CLIPConfig:
-  d = dict(c.model.clip)
-  d["vocab_size"] = VOCAB
-  return CLIPConfig.from_dict(d)
-
-
-def _batch(clip: CLIPConfig, b: int, seed: int = 0) -> dict:
-  """Random captions (SOT .. EOT, padding 0), MLM-masked copies, images and pids (repeats)."""
-  rng = np.random.default_rng(seed)
-  h, w = clip.image_size
-  ctx = clip.context_length
-  ids = np.zeros((b, ctx), np.int32)
-  for i in range(b):
-    n = rng.integers(4, ctx - 2)
-    ids[i, 0] = VOCAB - 2
-    ids[i, 1:n] = rng.integers(1, VOCAB - 3, n - 1)
-    ids[i, n] = VOCAB - 1
-  labels = np.where((rng.random(ids.shape) < 0.3) & (ids > 0) & (ids < VOCAB - 3), ids, 0)
-  labels[:, 1] = np.where(labels.sum(1) == 0, ids[:, 1], labels[:, 1])
-  mlm_ids = np.where(labels > 0, VOCAB - 3, ids).astype(np.int32)
-  return dict(images=rng.standard_normal((b, h, w, 3)).astype(np.float32),
-              caption_ids=ids, mlm_ids=mlm_ids, mlm_labels=labels.astype(np.int32),
-              pids=rng.integers(0, NUM_CLASSES, b).astype(np.int32),
-              image_ids=np.arange(b, dtype=np.int32))
+_clip = step_helpers.vocab_clip
+_batch = step_helpers.random_batch
 
 
 def _method(c, steps_per_epoch=1):
@@ -84,26 +49,15 @@ def _initial_params(method: str, c):
 
 def _run(c, devices, batches):
   """Trains on `batches` with steps_per_epoch = 1 (the parts gate opens at step start_epoch)."""
-  mesh = sharding.make_mesh(devices)
-  method = _method(c)
-  params = jax.device_put(_initial_params(c.method, c), sharding.replicated(mesh))
-  tx, sched = optimizer.make_optimizer(params, c.optim, steps_per_epoch=1, num_epochs=2)
-  state = jax.jit(lambda p: create_train_state(p, tx, jax.random.key(1)),
-                  out_shardings=sharding.replicated(mesh))(params)
-  step = jit_train_step(make_train_step(method, tx, c, sched), sharding.replicated(mesh),
-                        sharding.batch_sharded(mesh), sharding.replicated(mesh))
-  metrics = []
-  for b in batches:
-    state, m = step(state, sharding.global_batch(b, mesh))
-    metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-  return jax.device_get(state.params), metrics
+  _, params, metrics = step_helpers.run_steps(c, devices, batches,
+                                              params=_initial_params(c.method, c),
+                                              steps_per_epoch=1)
+  return params, metrics
 
 
-def _max_abs_diff(a, b):
-  """Largest parameter difference. Parameters are O(1e-3..1) and each step moves them by up to
-  lr = 1e-3, so 1e-5 catches any wrong update while allowing float32 summation-order noise."""
-  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
-  return max(jax.tree_util.tree_leaves(diffs))
+# Parameters are O(1e-3..1) and each step moves them by up to lr = 1e-3, so a 1e-5 bound on the
+# largest difference catches any wrong update while allowing float32 summation-order noise.
+_max_abs_diff = step_helpers.max_abs_diff
 
 
 # FMFA with EFA chunked in blocks of 3 rows (a padded last block); parts with the gate closed on

@@ -11,80 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import step_helpers
 from configs.methods import mum as mum_config
 from configs.methods import ucfa as ucfa_config
 from tipr_jax import losses
 from tipr_jax.losses import probabilistic as prob
 from tipr_jax.methods import build_method, mum, ucfa
-from tipr_jax.models.clip import CLIPConfig, DualEncoder
+from tipr_jax.models.clip import DualEncoder
 from tipr_jax.models.gaussian import tower_parts
-from tipr_jax.training import optimizer, sharding
-from tipr_jax.training.train_step import create_train_state, jit_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 64
-NUM_CLASSES = 5
 CONFIGS = {"ucfa": ucfa_config, "mum": mum_config}
+NUM_CLASSES = step_helpers.NUM_CLASSES
 
 
 def _config(method: str, **train):
-  c = CONFIGS[method].get_config("synthetic,smoke")
-  c.unlock()
-  # The reference's Adam eps 1e-3 (see tests/test_train_step.py: with 1e-8, parameters whose true
-  # gradient is exactly zero get rounding-noise gradients that Adam blows up to +-lr).
-  c.optim.eps = 1e-3
-  c.optim.lr = 1e-3
-  for k, v in train.items():
-    setattr(c.train, k, v)
-  return c
+  return step_helpers.smoke_config(CONFIGS[method].get_config, "synthetic,smoke",
+                                   **{f"train.{k}": v for k, v in train.items()})
 
 
-def _clip(c) -> CLIPConfig:
-  d = dict(c.model.clip)
-  d["vocab_size"] = VOCAB
-  return CLIPConfig.from_dict(d)
-
-
-def _batch(clip: CLIPConfig, b: int, seed: int) -> dict:
-  """Random captions with masked positions; pids with repeats (identity variance, positives)."""
-  rng = np.random.default_rng(seed)
-  h, w = clip.image_size
-  ctx = clip.context_length
-  ids = np.zeros((b, ctx), np.int32)
-  for i in range(b):
-    n = rng.integers(4, ctx - 2)
-    ids[i, 0] = VOCAB - 2
-    ids[i, 1:n] = rng.integers(1, VOCAB - 3, n - 1)
-    ids[i, n] = VOCAB - 1
-  labels = np.where((rng.random(ids.shape) < 0.3) & (ids > 0) & (ids < VOCAB - 3), ids, 0)
-  labels[:, 1] = np.where(labels.sum(1) == 0, ids[:, 1], labels[:, 1])
-  return dict(images=rng.standard_normal((b, h, w, 3)).astype(np.float32),
-              caption_ids=ids, mlm_ids=np.where(labels > 0, VOCAB - 3, ids).astype(np.int32),
-              mlm_labels=labels.astype(np.int32),
-              pids=rng.integers(0, NUM_CLASSES, b).astype(np.int32),
-              image_ids=np.arange(b, dtype=np.int32))
-
-
-def _run(c, devices, batches):
-  mesh = sharding.make_mesh(devices)
-  method = build_method(c, clip_config=_clip(c), num_classes=NUM_CLASSES)
-  params = jax.jit(method.init, out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-  initial = jax.device_get(params)
-  tx, sched = optimizer.make_optimizer(params, c.optim, steps_per_epoch=2, num_epochs=2)
-  state = jax.jit(lambda p: create_train_state(p, tx, jax.random.key(1)),
-                  out_shardings=sharding.replicated(mesh))(params)
-  step = jit_train_step(make_train_step(method, tx, c, sched), sharding.replicated(mesh),
-                        sharding.batch_sharded(mesh), sharding.replicated(mesh))
-  metrics = []
-  for b in batches:
-    state, m = step(state, sharding.global_batch(b, mesh))
-    metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-  return initial, jax.device_get(state.params), metrics
-
-
-def _max_abs_diff(a, b):
-  diffs = jax.tree_util.tree_map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
-  return max(jax.tree_util.tree_leaves(diffs))
+_clip = step_helpers.vocab_clip
+_batch = step_helpers.random_batch
+_run = step_helpers.run_steps
+_max_abs_diff = step_helpers.max_abs_diff
 
 
 @pytest.mark.parametrize("method", ["ucfa", "mum"])
