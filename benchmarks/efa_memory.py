@@ -18,22 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks import common
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## EFA memory"
 L_TEXT, N_PATCH, WIDTH = 77, 192, 512
-
-
-def _status_kb(field: str) -> int:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(field + ":"):
-      return int(line.split()[1])
-  raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def run_case(chunk: int | None, batch: int, repeats: int = 3) -> dict:
@@ -52,8 +46,8 @@ def run_case(chunk: int | None, batch: int, repeats: int = 3) -> dict:
   compiled = step.lower(text, patches).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  rss_compiled = _status_kb("VmRSS")
-  hwm_compiled = _status_kb("VmHWM")
+  rss_compiled = common.status_kb("VmRSS")
+  hwm_compiled = common.status_kb("VmHWM")
   loss, grads = compiled(text, patches)  # warm-up
   jax.block_until_ready((loss, grads))
   times, cpu = [], []
@@ -66,7 +60,7 @@ def run_case(chunk: int | None, batch: int, repeats: int = 3) -> dict:
   return dict(chunk=chunk, batch=batch, loss=float(loss),
               temp_bytes=int(mem.temp_size_in_bytes), arg_bytes=int(mem.argument_size_in_bytes),
               out_bytes=int(mem.output_size_in_bytes), rss_compiled_kb=rss_compiled,
-              hwm_compiled_kb=hwm_compiled, hwm_run_kb=_status_kb("VmHWM"),
+              hwm_compiled_kb=hwm_compiled, hwm_run_kb=common.status_kb("VmHWM"),
               compile_s=compile_s, step_s=float(sorted(times)[len(times) // 2]),
               step_cpu_s=float(sorted(cpu)[len(cpu) // 2]), load=os.getloadavg()[0])
 
@@ -117,18 +111,6 @@ def format_section(results: list[dict], command: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> Path:
-  doc = REPO_ROOT / "docs" / "performance.md"
-  old = doc.read_text() if doc.exists() else "# Performance\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  if pattern.search(old):
-    new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old)
-  else:
-    new = old.rstrip("\n") + "\n\n" + text
-  doc.write_text(new.rstrip("\n") + "\n")
-  return doc
-
-
 def _parse_chunk(s: str) -> int | None:
   return None if s.lower() == "none" else int(s)
 
@@ -159,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
   text = format_section(results, command)
   print(text)
   if not args.no_write:
-    print(f"wrote {write_section(text)}")
+    print(f"wrote {common.write_section(SECTION, text)}")
 
 
 if __name__ == "__main__":

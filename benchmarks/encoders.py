@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import time
 from typing import Callable
 
@@ -31,8 +30,8 @@ import numpy as np
 from tipr_jax.models import CLIPConfig, DualEncoder
 from tipr_jax.models.flops import text_flops, vision_flops
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "performance.md")
+from benchmarks import common
+
 MATMUL_N = 4096
 
 # What was tried for the image tower (measured while the 2-core machine ran at load
@@ -243,19 +242,6 @@ def markdown(results: list[Result], peak: MatmulPeak, command: str, notes: list[
   return "\n".join(lines)
 
 
-def write_section(section: str, path: str = DOC) -> None:
-  """Replaces (or appends) the '## Encoders' section of docs/performance.md."""
-  text = open(path).read() if os.path.exists(path) else "# Performance\n\n"
-  pattern = re.compile(r"^## Encoders\n.*?(?=^## |\Z)", re.M | re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section, text, count=1)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=8)
@@ -296,7 +282,7 @@ def main(argv=None) -> None:
   section = markdown(results, peak, cmd.strip(), notes)
   print(section)
   if not args.no_write and args.layers is None:
-    write_section(section)
+    common.write_section("## Encoders", section)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import common
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Retrieval metrics"
@@ -48,17 +49,6 @@ NOISE = 2.5  # per-dimension noise around unit-variance identity centres: CUHK-s
 
 # ----------------------------------------------------------------------------------------------------
 # Worker side
-
-
-def _status_kb(key: str) -> int:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1])
-  raise KeyError(key)
-
-
-def _reset_peak() -> None:
-  Path("/proc/self/clear_refs").write_text("5")
 
 
 def make_features(case: str, seed: int = 0):
@@ -149,20 +139,20 @@ def run_worker(case: str, impl: str, repeats: int) -> dict:
     fn = lambda: ref(sim, q_pids, g_pids)  # noqa: E731
   else:
     raise ValueError(f"unknown implementation {impl!r}")
-  base_kb = _status_kb("VmRSS")
-  _reset_peak()
+  base_kb = common.status_kb("VmRSS")
+  common.reset_peak_rss()
   t0, c0 = time.perf_counter(), time.process_time()
   metrics = fn()
   cold = (time.perf_counter() - t0, time.process_time() - c0)
-  peak_kb = _status_kb("VmHWM")
-  warm_base_kb = _status_kb("VmRSS")
-  _reset_peak()
+  peak_kb = common.status_kb("VmHWM")
+  warm_base_kb = common.status_kb("VmRSS")
+  common.reset_peak_rss()
   warm = []
   for _ in range(repeats):
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
     warm.append((time.perf_counter() - t0, time.process_time() - c0))
-  warm_peak_kb = _status_kb("VmHWM")
+  warm_peak_kb = common.status_kb("VmHWM")
   best = min(warm) if warm else cold
   return {"case": case, "impl": impl, "metrics": metrics, "cold_wall": cold[0], "cold_cpu": cold[1],
           "warm_wall": best[0], "warm_cpu": best[1], "repeats": repeats,
@@ -277,8 +267,6 @@ def main() -> None:
   body = "\n".join(_table(results) + [""] + _ratios(results) + _targets(results) + notes)
   print(body)
   if not args.no_write:
-    doc = REPO_ROOT / "docs" / "performance.md"
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Performance\n"
     section = (
         f"{SECTION}\n\n`python -m benchmarks.metrics` (each row a separate process; synthetic 512-d "
         "features with identity structure; 2-core machine shared with other jobs, load average "
@@ -299,12 +287,7 @@ def main() -> None:
         "positives on blocks of rows, so the cost is O(G x positives) per query and memory "
         "O(chunk x G); AP and INP follow from the integer ranks in float64.\n\n"
         f"{body}\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-      text = pattern.sub(lambda _: section + "\n", text)
-    else:
-      text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text, encoding="utf-8")
+    print("wrote", common.write_section(SECTION, section))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Text search"
 DIM = 512
@@ -41,13 +42,6 @@ K = 10
 BATCH = {10_000: 4096, 1_000_000: 512}
 SINGLE_CALLS = {10_000: 50, 1_000_000: 20}
 TARGETS = {"single_ms": 50.0, "batched_qps": 200.0, "index_gb": 1.1}  # at 1,000,000 images
-
-
-def _status_kb(key: str) -> int:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1])
-  raise KeyError(key)
 
 
 def _cpu() -> float:
@@ -75,15 +69,15 @@ def run_worker(path: str, size: int, devices: int) -> dict:
   jax.config.update("jax_num_cpu_devices", devices)
   from tipr_jax.search import index as index_lib, topk
   jax.devices()  # start the runtime before measuring
-  rss0 = _status_kb("VmRSS")
-  Path("/proc/self/clear_refs").write_text("5")
+  rss0 = common.status_kb("VmRSS")
+  common.reset_peak_rss()
   t0, c0 = time.perf_counter(), _cpu()
   idx = index_lib.load_index(path)
   gallery = topk.make_gallery(idx.rows())
   jax.block_until_ready(gallery.array)
   gc.collect()
   load_s, load_cpu = time.perf_counter() - t0, _cpu() - c0
-  peak_kb, rss1 = _status_kb("VmHWM"), _status_kb("VmRSS")
+  peak_kb, rss1 = common.status_kb("VmHWM"), common.status_kb("VmRSS")
 
   rng = np.random.default_rng(1)
   nb = BATCH[size]
@@ -193,8 +187,6 @@ def main() -> None:
   print(body)
   if args.no_write:
     return
-  doc = REPO_ROOT / "docs" / "performance.md"
-  text = doc.read_text(encoding="utf-8") if doc.exists() else "# Performance\n"
   section = (
       f"{SECTION}\n\n`python -m benchmarks.search` ({args.devices} CPU device(s); synthetic random "
       f"unit 512-d embeddings stored float16, k={K}, default 64 MiB score budget; the 2-core machine "
@@ -209,11 +201,7 @@ def main() -> None:
       "pass over the 1 GB gallery; a batch of queries is a float32 matrix product, bound by the "
       "machine's FLOP rate.\n\n"
       f"{body}\n")
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-  text = pattern.sub(lambda m: section + "\n", text) if pattern.search(text) else (
-      text.rstrip("\n") + "\n\n" + section)
-  doc.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-  print(f"updated {doc}")
+  print(f"updated {common.write_section(SECTION, section)}")
 
 
 def shutil_rm(path: str) -> None:

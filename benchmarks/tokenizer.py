@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 
 from tipr_jax.data import masking
 from tipr_jax.data.tokenizer import Tokenizer, build_bpe_vocab
+
+from benchmarks import common
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VOCAB = REPO_ROOT.parent / "shared" / "data" / "bpe_simple_vocab_16e6.txt.gz"
@@ -100,16 +101,9 @@ def main() -> None:
   body = "\n".join(lines)
   print(body)
   if not args.no_write:
-    doc = REPO_ROOT / "docs" / "performance.md"
-    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Performance\n"
     section = (f"{SECTION}\n\n`python -m benchmarks.tokenizer` (synthetic captions of 10-40 "
                f"words, one CPU process; the machine is shared, timings vary up to ~2x).\n\n{body}\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-      text = pattern.sub(lambda _: section + "\n", text)
-    else:
-      text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text, encoding="utf-8")
+    print("wrote", common.write_section(SECTION, section))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("## Training step (IRRA)", "## Scaling", "## Evaluation encoding")
 NUM_CLASSES = {"full": 11003, "small": 1000}
@@ -68,35 +70,10 @@ def clip_config(size: str, dtype: str = "float32"):
 
 
 def make_batch(cfg, batch: int, num_classes: int, cap: int = 16, seed: int = 0) -> dict:
-  """Random numpy batch: images [B,H,W,3] f32, caption/mlm ids and labels [B,L] int32, pids [B]."""
-  from tipr_jax.data.masking import mlm_mask_batch  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-  v, ctx = cfg.vocab_size, cfg.context_length
-  sot, eot, mask_id = v - 2, v - 1, v - 3
-  ids = np.zeros((batch, ctx), np.int32)
-  for i in range(batch):
-    n = min(int(rng.integers(20, 51)), ctx - 2)
-    ids[i, 0], ids[i, n + 1] = sot, eot
-    ids[i, 1:n + 1] = rng.integers(1, mask_id, n)
-  mlm_ids, labels = mlm_mask_batch(ids, rng, mask_id=mask_id)
-  for i in range(batch):  # keep every caption within the MLM cap (re-draw the rare overflow)
-    while (labels[i] > 0).sum() > cap:
-      mlm_ids[i], labels[i] = [a[0] for a in mlm_mask_batch(ids[i:i + 1], rng, mask_id=mask_id)]
-  h, w = cfg.image_size
-  return dict(images=rng.standard_normal((batch, h, w, 3), dtype=np.float32),
-              caption_ids=ids, mlm_ids=mlm_ids.astype(np.int32), mlm_labels=labels.astype(np.int32),
-              pids=rng.choice(num_classes, batch, replace=False).astype(np.int32))
-
-
-def _status_kb(key: str) -> int:
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1])
-  raise KeyError(key)
-
-
-def _reset_peak() -> None:
-  Path("/proc/self/clear_refs").write_text("5")
+  """Random numpy batch (benchmarks.common.masked_caption_batch) with distinct pids in
+  [0, num_classes) and at most `cap` masked positions per caption."""
+  pids = np.random.default_rng(seed + 1).choice(num_classes, batch, replace=False)
+  return common.masked_caption_batch(cfg, batch, pids=pids, cap=cap, seed=seed)
 
 
 def _log(msg: str) -> None:
@@ -186,13 +163,13 @@ def jax_train_worker(size: str, dtype: str, batch: int, steps: int, devices: int
   t0 = time.perf_counter()
   compiled = step.lower(state, gb).compile()
   compile_s = time.perf_counter() - t0
-  _log(f"compiled in {compile_s:.0f} s; warm-up step (RSS {_status_kb('VmRSS') / 2**20:.2f} GiB)")
+  _log(f"compiled in {compile_s:.0f} s; warm-up step (RSS {common.status_kb('VmRSS') / 2**20:.2f} GiB)")
   t0 = time.perf_counter()
   state, m = compiled(state, gb)  # warm-up
   float(m["loss"])
   warmup_s = time.perf_counter() - t0
-  base_kb = _status_kb("VmRSS")
-  _reset_peak()
+  base_kb = common.status_kb("VmRSS")
+  common.reset_peak_rss()
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -200,7 +177,7 @@ def jax_train_worker(size: str, dtype: str, batch: int, steps: int, devices: int
     float(m["loss"])
     times.append(time.perf_counter() - t0)
     _log(f"step {times[-1]:.2f} s")
-  peak_kb = _status_kb("VmHWM")
+  peak_kb = common.status_kb("VmHWM")
   flops = pair_flops(cfg, cmt_depth=CMT_DEPTH[size], num_classes=NUM_CLASSES[size],
                      mlm_positions=c.mlm_positions_cap, text_passes=1, batch=batch)
   out = dict(kind="jax_train", size=size, dtype=dtype, batch=batch, devices=devices,
@@ -476,8 +453,8 @@ def torch_train_worker(size: str, autocast: bool, batch: int, steps: int) -> dic
   opt = irra_torch.make_adam(model)
   tb = irra_torch.to_torch_batch(make_batch(cfg, batch, NUM_CLASSES[size]))
   loss = irra_torch.train_step(model, opt, tb, autocast)  # warm-up (allocates Adam state)
-  base_kb = _status_kb("VmRSS")
-  _reset_peak()
+  base_kb = common.status_kb("VmRSS")
+  common.reset_peak_rss()
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
@@ -489,7 +466,7 @@ def torch_train_worker(size: str, autocast: bool, batch: int, steps: int) -> dic
               batch=batch, matmul_gflops=jnp_peak, torch_matmul_gflops=peak, step_s=times, loss=loss,
               flops=pair_flops(cfg, cmt_depth=CMT_DEPTH[size], num_classes=NUM_CLASSES[size],
                                mlm_positions=None, text_passes=2, batch=batch),
-              rss_mb=base_kb / 1024, peak_rss_mb=_status_kb("VmHWM") / 1024,
+              rss_mb=base_kb / 1024, peak_rss_mb=common.status_kb("VmHWM") / 1024,
               params=irra_torch.num_params(model))
 
 
@@ -716,28 +693,6 @@ def _encode_section(res: list[dict], cmd: str, load: tuple[str, str]) -> str:
   return "\n".join(lines) + "\n"
 
 
-NOTES = "### Findings"
-
-
-def write_sections(sections: dict[str, str]) -> Path:
-  """Replaces (or appends) each of our sections in docs/performance.md, keeping the rest of the
-  file and any hand-written '### Findings' subsection at the end of a section."""
-  doc = REPO_ROOT / "docs" / "performance.md"
-  text = doc.read_text() if doc.exists() else "# Performance\n"
-  for title, body in sections.items():
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    found = pattern.search(text)
-    if found:
-      notes = found.group(0).find(NOTES)  # hand-written findings survive a re-run
-      if notes >= 0:
-        body = body.rstrip("\n") + "\n\n" + found.group(0)[notes:]
-      text = pattern.sub(lambda _, b=body: b.rstrip("\n") + "\n\n", text)
-    else:
-      text = text.rstrip("\n") + "\n\n" + body.rstrip("\n") + "\n"
-  doc.write_text(text.rstrip("\n") + "\n")
-  return doc
-
-
 def _add_section(sections: dict, title: str, fn, res: list, cmd: str, load0: str) -> None:
   """sections[title] = fn(...) over the workers that succeeded; left out if a baseline row failed."""
   try:
@@ -804,7 +759,8 @@ def main() -> None:
   for body in sections.values():
     print(body)
   if not args.no_write and sections:
-    print("wrote", write_sections(sections))
+    for title, body in sections.items():
+      print("wrote", common.write_section(title, body))
 
 
 def _run_worker(w: list[str]) -> dict:
