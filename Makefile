@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) launch.py --config=configs/synthetic.py --workdir=runs/synthetic
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.encoders

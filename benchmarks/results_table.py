@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+NOTES = "## Reading the table"  # a hand-written last section, kept on re-runs
 BUDGETS = {  # name -> presets appended to the dataset argument of every method config
     "default": (),       # configs/synthetic.py as it is (the README's synthetic run)
     "smoke": ("smoke",),  # a tiny model for a few steps: checks the script, not the methods
@@ -194,6 +195,8 @@ def main(argv=None) -> None:
   out = Path(args.output)
   out = out if out.is_absolute() else REPO_ROOT / out
   out.parent.mkdir(parents=True, exist_ok=True)
+  if out.exists() and NOTES in out.read_text():  # hand-written reading of the table survives
+    text = text.rstrip("\n") + "\n\n" + out.read_text()[out.read_text().index(NOTES):]
   out.write_text(text)
   print(text)
   print(f"wrote {out}")
