@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from tipr_jax.data import builders
 from tipr_jax.data import masking as masking_lib
@@ -60,7 +60,7 @@ class DatasetInfo:
 def _check_prepared(data_dir, dataset: str) -> None:
   if dataset not in builders.BUILDERS:
     raise ValueError(f'unknown dataset {dataset!r}; expected one of {sorted(builders.BUILDERS)}')
-  info = pathlib.Path(data_dir) / dataset / builders.DATASET_VERSION / 'dataset_info.json'
+  info = epath.Path(data_dir) / dataset / builders.DATASET_VERSION / 'dataset_info.json'
   if not info.is_file():
     raise FileNotFoundError(
         f'{info} not found: prepare the dataset first with `python -m tipr_jax.data.prepare '

@@ -179,7 +179,7 @@ def load_model(checkpoint: str, *, tokenizer: str | None = None, mesh=None) -> M
   """Rebuilds the model of a training workdir (or a checkpoint inside one) with its parameters."""
   workdir = find_workdir(checkpoint)
   item_dir = checkpointing.find_params_dir(checkpoint)
-  if not os.path.isdir(item_dir):
+  if not item_dir.is_dir():
     raise FileNotFoundError(f"checkpoint {checkpoint}: no checkpoint found (expected "
                             f"best/<step>/params or checkpoints/<step>/state)")
   config = read_config(workdir)
@@ -194,5 +194,5 @@ def load_model(checkpoint: str, *, tokenizer: str | None = None, mesh=None) -> M
   fp = fingerprint(params, config)
   mesh = sharding.make_mesh() if mesh is None else mesh
   params = jax.device_put(params, sharding.replicated(mesh))
-  return Model(workdir=workdir, checkpoint=item_dir, config=config, method=method, params=params,
+  return Model(workdir=workdir, checkpoint=os.fspath(item_dir), config=config, method=method, params=params,
                tokenizer=tok, image_size=tuple(clip_cfg.image_size), fingerprint=fp, mesh=mesh)

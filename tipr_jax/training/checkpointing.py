@@ -5,6 +5,9 @@ iterator state, so a rerun of the same command resumes exactly, input position i
 writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 (even by SIGKILL) leaves the previous checkpoint as the latest complete one.
 
+The workdir may be a local directory or a bucket (gs://...): every path goes through
+`etils.epath` (tipr_jax/training/paths.py), as Orbax's own do.
+
 Directory layout inside a workdir:
   checkpoints/<step>/{state,data}   rolling training checkpoints (the last `keep`)
   best/<step>/{params,metrics}      the best model by the selection metric (one kept)
@@ -12,30 +15,32 @@ Directory layout inside a workdir:
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from tipr_jax.training import paths
 
 PyTree = Any
 
 
-def _manager(directory: str, *, keep: int, save_every_steps: int = 1,
+def _manager(directory: epath.Path, *, keep: int, save_every_steps: int = 1,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_every_steps, create=not read_only,
       enable_async_checkpointing=False, read_only=read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(directory, options=options)
 
 
 class TrainCheckpointer:
   """Saves and restores (train state, data iterator) in `workdir/checkpoints`."""
 
-  def __init__(self, workdir: str, *, save_every_steps: int, keep: int):
-    self.directory = os.path.join(workdir, "checkpoints")
+  def __init__(self, workdir: str | os.PathLike, *, save_every_steps: int, keep: int):
+    self.directory = paths.resolve(workdir) / "checkpoints"
     self._manager = _manager(self.directory, keep=keep, save_every_steps=save_every_steps)
 
   def latest_step(self) -> int | None:
@@ -45,14 +50,17 @@ class TrainCheckpointer:
     steps = sorted(self._manager.all_steps(), reverse=True)
     removed = False
     for step in steps:
-      step_dir = os.path.join(self.directory, str(step))
+      step_dir = self.directory / str(step)
       if _is_complete(step_dir):
         if removed:
           self._manager.reload()
         return step
       if jax.process_index() == 0:
         print(f"checkpoint {step_dir} is incomplete (interrupted save): removing it", flush=True)
-        shutil.rmtree(step_dir, ignore_errors=True)
+        try:
+          step_dir.rmtree()
+        except FileNotFoundError:  # another process removed it first
+          pass
       removed = True
     if removed:
       self._manager.reload()
@@ -75,7 +83,7 @@ class TrainCheckpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    check_fits(os.path.join(self.directory, str(step), "state"), abstract_state)
+    check_fits(self.directory / str(step) / "state", abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -86,20 +94,19 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def _is_complete(step_dir: str) -> bool:
+def _is_complete(step_dir: epath.Path) -> bool:
   """A step directory whose save finished: top-level and every item's metadata present."""
-  if not os.path.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA")):
+  if not (step_dir / "_CHECKPOINT_METADATA").exists():
     return False
-  state = os.path.join(step_dir, "state")
-  return os.path.exists(os.path.join(state, "_METADATA")) and ocp.step.is_checkpoint_finalized(
+  return (step_dir / "state" / "_METADATA").exists() and ocp.step.is_checkpoint_finalized(
       step_dir)
 
 
 class BestCheckpointer:
   """Keeps the parameters of the best evaluation so far in `workdir/best`."""
 
-  def __init__(self, workdir: str):
-    self.directory = os.path.join(workdir, "best")
+  def __init__(self, workdir: str | os.PathLike):
+    self.directory = paths.resolve(workdir) / "best"
     self._manager = _manager(self.directory, keep=1)
 
   def save(self, step: int, params: PyTree, metrics: dict) -> None:
@@ -142,14 +149,14 @@ def _stored_shape(leaf) -> tuple:
   return tuple(getattr(leaf, "shape", ()))
 
 
-def _metadata_shapes(item_dir: str) -> dict[str, tuple]:
+def _metadata_shapes(item_dir: epath.Path) -> dict[str, tuple]:
   meta = ocp.StandardCheckpointer().metadata(item_dir)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   return _tree_shapes(tree)
 
 
-def check_fits(item_dir: str, abstract: PyTree) -> None:
+def check_fits(item_dir: epath.Path, abstract: PyTree) -> None:
   """Raises ValueError naming every parameter whose presence or shape differs from `abstract`."""
   saved = _metadata_shapes(item_dir)
   wanted = _tree_shapes(abstract)
@@ -169,30 +176,30 @@ def check_fits(item_dir: str, abstract: PyTree) -> None:
                      f"({len(problems)} problems):\n  {shown}{more}")
 
 
-def find_params_dir(path: str) -> str:
+def find_params_dir(path: str | os.PathLike) -> epath.Path:
   """Resolves `init_from`: a workdir (its best, else latest, checkpoint) or a checkpoint item dir."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
+  path = paths.resolve(path)
+  if not path.exists():
     raise FileNotFoundError(f"init_from: {path} does not exist")
   for sub, item in (("best", "params"), ("checkpoints", "state")):
-    root = os.path.join(path, sub)
-    if os.path.isdir(root):
-      steps = sorted(int(d) for d in os.listdir(root) if d.isdigit())
+    root = path / sub
+    if root.is_dir():
+      steps = sorted(int(d.name) for d in root.iterdir() if d.name.isdigit())
       if steps:
-        return os.path.join(root, str(steps[-1]), item)
+        return root / str(steps[-1]) / item
   for item in ("params", "state"):
-    if os.path.isdir(os.path.join(path, item)):
-      return os.path.join(path, item)
+    if (path / item).is_dir():
+      return path / item
   return path
 
 
-def load_params(path: str, abstract_params: PyTree) -> PyTree:
+def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
   """Loads model parameters from a workdir or checkpoint, for evaluation or fine-tuning.
 
   Raises ValueError naming each parameter whose shape does not fit `abstract_params`.
   """
   item_dir = find_params_dir(path)
-  if os.path.basename(item_dir) == "state":  # a full train state: take its params subtree
+  if item_dir.name == "state":  # a full train state: take its params subtree
     meta = ocp.StandardCheckpointer().metadata(item_dir)
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)

@@ -10,6 +10,7 @@ import jax
 from tipr_jax.data import builders
 from tipr_jax.data import prepare as prepare_lib
 from tipr_jax.data.tokenizer import Tokenizer
+from tipr_jax.training import paths
 from tipr_jax.training.reporting import log
 
 
@@ -59,7 +60,7 @@ def _ensure_real(config) -> str:
   if name not in builders.BUILDERS:
     raise ValueError(f"config.data.dataset: unknown dataset {name!r}; "
                      f"expected one of {sorted(builders.BUILDERS)}")
-  if prepare_lib.output_dir(name, data_dir).exists():
+  if paths.resolve(data_dir).joinpath(name, builders.DATASET_VERSION).exists():  # local or gs://
     return data_dir
   layout_dir = pathlib.Path(config.data.manual_dir)
   if not layout_dir.is_dir():

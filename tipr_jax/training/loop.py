@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tipr_jax.data import pipeline
@@ -21,10 +19,10 @@ from tipr_jax.eval import evaluate as evaluate_lib
 from tipr_jax.eval import retrieval_metrics_from_features
 from tipr_jax.methods import Method, build_method
 from tipr_jax.models.clip import CLIPConfig
-from tipr_jax.training import (batch_log, checkpointing, data_setup, optimizer, reporting,
-                               sharding, throughput)
+from tipr_jax.training import (batch_log, checkpointing, data_setup, optimizer, paths,
+                               reporting, sharding, throughput)
 from tipr_jax.training.reporting import log
-from tipr_jax.training.train_step import (TrainState, create_train_state, jit_train_step,
+from tipr_jax.training.train_step import (create_train_state, jit_train_step,
                                           make_train_step)
 
 PyTree = Any
@@ -129,10 +127,10 @@ def _format_metrics(m: dict[str, float]) -> str:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint) and evaluates it."""
   mesh = sharding.make_mesh()
-  os.makedirs(workdir, exist_ok=True)
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text_atomic(paths.resolve(workdir) / "config.json",
+                            config.to_json_best_effort(indent=2))
   setup = data_setup.setup_data(config)
   info = pipeline.dataset_info(data_dir=setup.data_dir, dataset=setup.dataset)
   clip_cfg = clip_config_from(config, setup.tokenizer)
@@ -268,7 +266,7 @@ def _final_report(config, workdir, method, state, test: Evaluator, selector: Eva
     if best_step == step:
       best_test = last
     else:
-      params = checkpointing.load_params(os.path.join(workdir), jax.eval_shape(
+      params = checkpointing.load_params(workdir, jax.eval_shape(
           method.init, jax.random.key(0)))
       best_test = test(jax.device_put(params, sharding.replicated(test.mesh)))
     results["best"] = dict(best_test, step=best_step, epoch=best_sel.get("epoch"),
@@ -276,8 +274,8 @@ def _final_report(config, workdir, method, state, test: Evaluator, selector: Eva
   results["chance"] = chance_metrics(test.data.query_pids, test.data.gallery_pids)
   results["config"] = json.loads(config.to_json_best_effort())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    paths.write_text_atomic(paths.resolve(workdir) / "results.json",
+                            json.dumps(results, indent=2))
     reporting.plot_curves(workdir)
   log(f"test (last, step {step}):  {_format_metrics(last)}")
   if "best" in results:
@@ -296,7 +294,7 @@ def _eval_only(config, method, test: Evaluator, mesh, workdir) -> dict:
   m = test(jax.device_put(params, sharding.replicated(mesh)))
   log(f"test: {_format_metrics(m)}")
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({"eval_only": m, "init_from": config.init_from,
-                 "config": json.loads(config.to_json_best_effort())}, f, indent=2)
+    paths.write_text_atomic(paths.resolve(workdir) / "results.json", json.dumps(
+        {"eval_only": m, "init_from": config.init_from,
+         "config": json.loads(config.to_json_best_effort())}, indent=2))
   return {"eval_only": m}

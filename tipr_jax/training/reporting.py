@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tipr_jax.training import paths
 from tipr_jax.training.throughput import throughput_metrics
 
 
@@ -23,24 +24,39 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsWriter:
-  """Writes `metrics.jsonl` and TensorBoard event files in `workdir` (process 0 only)."""
+  """Writes `metrics.jsonl` and TensorBoard event files in `workdir` (process 0 only).
 
-  def __init__(self, workdir: str):
+  A local metrics.jsonl is appended to; in a bucket (objects cannot be appended to) the file is
+  rewritten whole at every write, which is cheap at logging frequency.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._remote_path = None
+    self._remote_text = ""
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      root = paths.resolve(workdir)
+      root.mkdir(parents=True, exist_ok=True)
+      if paths.is_uri(root):
+        self._remote_path = root / "metrics.jsonl"
+        self._remote_text = self._remote_path.read_text() if self._remote_path.exists() else ""
+      else:
+        self._jsonl = open(os.fspath(root / "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
     if not self.active:
       return
     row = {"step": int(step), "kind": kind, **{k: _plain(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._remote_path is not None:
+      self._remote_text += json.dumps(row) + "\n"
+      self._remote_path.write_text(self._remote_text)
+    else:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
     for k, v in row.items():
       if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
         self._tb.add_scalar(f"{kind}/{k}", v, int(step))
@@ -49,6 +65,7 @@ class MetricsWriter:
   def close(self) -> None:
     if self._jsonl:
       self._jsonl.close()
+    if self._tb:
       self._tb.close()
 
 
@@ -108,19 +125,21 @@ def log(msg: str) -> None:
     sys.stdout.flush()
 
 
-def plot_curves(workdir: str, out_png: str | None = None) -> str | None:
+def plot_curves(workdir: str | os.PathLike, out_png: str | None = None) -> str | None:
   """Training loss and evaluation R@1 / mAP against step, from metrics.jsonl -> PNG path."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  if not path.exists():
     return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   train, evals = [], []
-  with open(path) as f:
-    for line in f:
+  for line in path.read_text().splitlines():
+    try:
       row = json.loads(line)
-      (train if row.get("kind") == "train" else evals).append(row)
+    except json.JSONDecodeError:  # blank, or a last line cut short by a kill mid-write
+      continue
+    (train if row.get("kind") == "train" else evals).append(row)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for key in ("loss", "sdm_loss", "id_loss", "mlm_loss"):
     pts = [(r["step"], r[key]) for r in train if key in r]
@@ -138,7 +157,8 @@ def plot_curves(workdir: str, out_png: str | None = None) -> str | None:
   axes[1].set_title("retrieval (text to image), %")
   axes[1].legend()
   fig.tight_layout()
-  out_png = out_png or os.path.join(workdir, "training_curves.png")
-  fig.savefig(out_png, dpi=100)
+  out = paths.resolve(out_png or paths.resolve(workdir) / "training_curves.png")
+  with out.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
-  return out_png
+  return os.fspath(out)
