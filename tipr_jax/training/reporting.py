@@ -100,7 +100,7 @@ class Progress:
     steps_per_s = self.rate(step)
     eta = (self.total - step) / steps_per_s if steps_per_s == steps_per_s and steps_per_s else 0
     parts = [f"step {step}/{self.total}", f"epoch {epoch}"]
-    for k in ("loss", "sdm_loss", "id_loss", "mlm_loss", "mlm_acc", "lr"):
+    for k in _loss_keys(metrics) + [k for k in metrics if k.endswith("_acc")] + ["lr"]:
       if k in metrics:
         parts.append(f"{k} {metrics[k]:.4g}")
     parts.append(f"{steps_per_s * self.batch:.1f} pairs/s")
@@ -109,6 +109,11 @@ class Progress:
     parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU unknown")
     parts.append(f"ETA {_fmt_time(eta)}")
     return " | ".join(parts)
+
+
+def _loss_keys(row: dict) -> list[str]:
+  """'loss' then every method term ('sdm_loss', 'efa_loss', 'dcl_loss', ...) in logging order."""
+  return (["loss"] if "loss" in row else []) + [k for k in row if k.endswith("_loss")]
 
 
 def _fmt_time(seconds: float) -> str:
@@ -141,7 +146,7 @@ def plot_curves(workdir: str | os.PathLike, out_png: str | None = None) -> str |
       continue
     (train if row.get("kind") == "train" else evals).append(row)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for key in ("loss", "sdm_loss", "id_loss", "mlm_loss"):
+  for key in dict.fromkeys(k for r in train for k in _loss_keys(r)):
     pts = [(r["step"], r[key]) for r in train if key in r]
     if pts:
       axes[0].plot(*zip(*pts), label=key)
