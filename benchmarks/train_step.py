@@ -85,14 +85,15 @@ def _median(xs: list[float]) -> float:
   return float(np.median(np.asarray(xs)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# JAX workers
-
-
-def _jax_setup(devices: int):
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_num_cpu_devices", devices)
-  return jax
+def _matmul_gflops(matmul, n: int, reps: int) -> float:
+  """Median GFLOP/s of `matmul()` (one n^3 product, run to completion), after a warm-up call."""
+  matmul()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    matmul()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / _median(times) / 1e9
 
 
 def jax_matmul_gflops(n: int = 4096, reps: int = 5, dtype: str = "float32") -> float:
@@ -102,13 +103,31 @@ def jax_matmul_gflops(n: int = 4096, reps: int = 5, dtype: str = "float32") -> f
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / _median(times) / 1e9
+  return _matmul_gflops(lambda: f(a, b).block_until_ready(), n, reps)
+
+
+def numpy_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  """Median GFLOP/s of a numpy (OpenBLAS) n^3 float32 matmul: a load gauge that XLA flags can't move."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+  return _matmul_gflops(lambda: a @ b, n, reps)
+
+
+def torch_matmul_gflops(n: int = 4096, reps: int = 5, dtype=None) -> float:
+  import torch  # pylint: disable=import-outside-toplevel
+  a = torch.randn(n, n).to(dtype or torch.float32)
+  b = torch.randn(n, n).to(dtype or torch.float32)
+  return _matmul_gflops(lambda: a @ b, n, reps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# JAX workers
+
+
+def _jax_setup(devices: int):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_num_cpu_devices", devices)
+  return jax
 
 
 def _build_jax(size: str, dtype: str, devices: int):
@@ -300,19 +319,6 @@ def _jax_parts(jax, jnp, method, state, tx, gb, reps: int) -> dict[str, float]:
   return parts
 
 
-def numpy_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-  """Median GFLOP/s of a numpy (OpenBLAS) n^3 float32 matmul: a load gauge that XLA flags can't move."""
-  rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-  a @ b
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    a @ b
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / _median(times) / 1e9
-
-
 def jax_vit_worker(dtype: str, layers: int, batch: int, reps: int) -> dict:
   """GFLOP/s of forward + backward of a `layers`-layer ViT-B/16 image tower at 384x128 (the part
   that dominates the step), for trying XLA flags; with a numpy gauge of the machine's load."""
@@ -430,19 +436,6 @@ def _build_torch(size: str):
   cfg = clip_config(size)
   model = irra_torch.IRRATorch(cfg, NUM_CLASSES[size], CMT_DEPTH[size])
   return torch, irra_torch, cfg, model
-
-
-def torch_matmul_gflops(n: int = 4096, reps: int = 5, dtype=None) -> float:
-  import torch  # pylint: disable=import-outside-toplevel
-  a = torch.randn(n, n).to(dtype or torch.float32)
-  b = torch.randn(n, n).to(dtype or torch.float32)
-  a @ b
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    a @ b
-    times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / _median(times) / 1e9
 
 
 def torch_train_worker(size: str, autocast: bool, batch: int, steps: int) -> dict:
