@@ -248,6 +248,16 @@ def test_final_parameters_match(runs):
   print(f"final parameters: max abs difference {worst:.3g}, bitwise equal: {bitwise}")
 
 
+_ATOMIC_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")  # paths.write_text_atomic's temp
+
+
+def _final_name(rel: str) -> str:
+  """A temporary file that is renamed over its target counts as a write of the target."""
+  head, base = os.path.split(rel)
+  m = _ATOMIC_TEMP.match(base)
+  return os.path.join(head, m["name"]) if m else rel
+
+
 def _written_under(logs: Path, workdir: Path, process: int) -> set[str]:
   paths = set()
   for tag in ("A", "B"):
@@ -255,7 +265,7 @@ def _written_under(logs: Path, workdir: Path, process: int) -> set[str]:
     for line in path.read_text().splitlines():
       p = json.loads(line)["path"]
       if p.startswith(str(workdir) + os.sep):
-        paths.add(os.path.relpath(p, workdir))
+        paths.add(_final_name(os.path.relpath(p, workdir)))
   return paths
 
 
