@@ -56,7 +56,10 @@ def _equal(a, b):
 
 def test_batch_layout(data):
   b = next(_iter(data))
-  assert b['images'].shape == (8, *SIZE, 3) and b['images'].dtype == np.float32
+  assert b['images'].shape == (8, *SIZE, 3) and b['images'].dtype == np.uint8
+  assert b['erase_boxes'].shape == (8, 4) and b['erase_boxes'].dtype == np.int32
+  top, left, h, w = b['erase_boxes'].T
+  assert ((top >= 0) & (left >= 0) & (top + h <= SIZE[0]) & (left + w <= SIZE[1])).all()
   for k in ('caption_ids', 'mlm_ids', 'mlm_labels'):
     assert b[k].shape == (8, data['tok'].context_length) and b[k].dtype == np.int32
   assert b['pids'].dtype == np.int32 and b['image_ids'].dtype == np.int32

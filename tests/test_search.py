@@ -249,7 +249,7 @@ def _encode_one(model, img) -> np.ndarray:
   """One image (PIL or uint8 array), test-transformed and encoded alone: float32 [D]."""
   img = Image.fromarray(img) if isinstance(img, np.ndarray) else img
   x = transforms.test_transform(img.convert("RGB"), model.image_size)
-  batch = np.zeros((8, *x.shape), np.float32)
+  batch = np.zeros((8, *x.shape), x.dtype)
   batch[0] = x
   return model.encode_images(batch)[0]
 

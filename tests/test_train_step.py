@@ -73,3 +73,30 @@ def test_mlm_cap_gives_the_full_projection_result():
     np.testing.assert_allclose(capped[k], full[k], rtol=1e-6)
     np.testing.assert_allclose(overflow[k], full[k], rtol=1e-6)
   assert float(full["count"].sum()) == float((b["mlm_labels"] > 0).sum())
+
+
+def test_uint8_pixels_and_erase_boxes_train_like_host_normalized_images():
+  """The pipeline's uint8 + erase-box batch, normalized inside the step, trains exactly like
+  float images normalized and erased on the host in float64 (the reference's order)."""
+  c = _config()
+  clip = _clip(c)
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  raw, host = [], []
+  for s in range(2):
+    b = _batch(clip, 8, s)
+    rng = np.random.default_rng(10 + s)
+    pixels = rng.integers(0, 256, b["images"].shape, dtype=np.uint8)
+    h, w = clip.image_size
+    boxes = np.stack([[rng.integers(0, h // 2), rng.integers(0, w // 2), rng.integers(0, h // 2),
+                       rng.integers(0, w // 2)] for _ in range(8)]).astype(np.int32)
+    boxes[::3] = 0  # some images not erased
+    floats = (pixels / 255.0 - mean) / std
+    for img, (t, l, bh, bw) in zip(floats, boxes):
+      img[t:t + bh, l:l + bw] = mean
+    raw.append(dict(b, images=pixels, erase_boxes=boxes))
+    host.append(dict(b, images=floats.astype(np.float32)))
+  p_raw, l_raw = _run(c, jax.devices()[:2], raw)
+  p_host, l_host = _run(c, jax.devices()[:2], host)
+  np.testing.assert_allclose(l_raw, l_host, rtol=1e-5)
+  assert _max_abs_diff(p_raw, p_host) < 1e-5

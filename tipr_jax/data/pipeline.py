@@ -164,10 +164,10 @@ class _TrainTransform(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     # Separate streams, so the masks do not depend on how many draws augmentation took.
     image_seed, text_seed = rng.integers(0, 2**63, size=2)
-    image = transforms.train_transform(element['image'], np.random.default_rng(image_seed),
-                                       self._size, augment=self._augment)
+    image, box = transforms.train_transform(element['image'], np.random.default_rng(image_seed),
+                                            self._size, augment=self._augment)
     ids, mlm_ids, labels = self._masker(element['caption'], np.random.default_rng(text_seed))
-    return {'images': image, 'caption_ids': ids, 'mlm_ids': mlm_ids, 'mlm_labels': labels,
+    return {'images': image, 'erase_boxes': box, 'caption_ids': ids, 'mlm_ids': mlm_ids, 'mlm_labels': labels,
             'pids': element['pid'], 'image_ids': element['image_id']}
 
 
@@ -217,7 +217,9 @@ def make_train_iterator(*, data_dir, dataset: str, tokenizer, global_batch_size:
                         prefetch_batches: int = 2) -> grain.DatasetIterator:
   """Iterator of this process's training batches (dicts of numpy arrays, b = global // count):
 
-  images float32 [b,H,W,3], caption_ids int32 [b,L] (unmasked), mlm_ids int32 [b,L],
+  images uint8 [b,H,W,3] (resized, flipped, padded and cropped; the train step normalizes them
+  on the device, tipr_jax.data.device_images), erase_boxes int32 [b,4] (each image's random-
+  erasing box, top/left/height/width, zeros for none), caption_ids int32 [b,L] (unmasked), mlm_ids int32 [b,L],
   mlm_labels int32 [b,L] (0 = not masked), pids int32 [b], image_ids int32 [b].
   Ends after `num_epochs` epochs (None = never). With num_workers > 0 the batches are built in
   worker processes (Grain mp_prefetch); call `flags.FLAGS.mark_as_parsed()` outside absl.app.
@@ -249,7 +251,7 @@ class _GalleryItem(grain.transforms.Map):
   def map(self, pos):
     pos = int(pos)
     if pos >= self._num:
-      return {'images': np.zeros((*self._size, 3), np.float32), 'pids': np.int32(-1),
+      return {'images': np.zeros((*self._size, 3), np.uint8), 'pids': np.int32(-1),
               'valid': np.bool_(False), 'index': np.int32(-1)}
     rec = self._source[pos]
     return {'images': transforms.test_transform(rec['image'], self._size),
@@ -261,7 +263,8 @@ class EvalData:
   """Evaluation split: ordered ids/paths/captions and per-process padded batches.
 
   Batches (dicts of numpy arrays, b = batch_size // process_count rows):
-    gallery: images float32 [b,H,W,3], pids int32 [b], valid bool [b], index int32 [b]
+    gallery: images uint8 [b,H,W,3] (resized; normalized on the device), pids int32 [b],
+             valid bool [b], index int32 [b]
     query:   caption_ids int32 [b,L], pids int32 [b], valid bool [b], index int32 [b]
   `index` is the item's position in file order (-1 for padding). Global batch s holds positions
   [s*batch_size, (s+1)*batch_size); process p has rows [p*b, (p+1)*b) of it.

@@ -1,12 +1,13 @@
-"""Image transforms in numpy/PIL, matching the reference's torchvision pipelines (HWC float32).
+"""Image transforms on the host in numpy/PIL: the uint8 half of the reference's torchvision pipelines.
 
-test:  Resize((H, W)) bilinear (PIL) -> [0, 1] -> CLIP mean/std normalisation.
-train: Resize((H, W)) -> horizontal flip p=0.5 -> pad 10 with zeros + random crop (H, W) ->
-       [0, 1] -> normalise -> random erasing (p=0.5, scale (0.02, 0.4), ratio (0.3, 3.3), the
-       erased box filled with the CLIP mean values on the normalised image).
+test:  Resize((H, W)) bilinear (PIL)                                   -> uint8 [H, W, 3]
+train: Resize((H, W)) -> horizontal flip p=0.5 -> pad 10 with zeros + random crop (H, W)
+       -> uint8 [H, W, 3], plus the random-erasing box (p=0.5, scale (0.02, 0.4), ratio
+       (0.3, 3.3)) drawn here as int32 [4] = (top, left, h, w), zeros for none.
 
-Geometric steps run on uint8 before the float conversion; all randomness comes from the given
-`np.random.Generator`.
+The float half ([0, 1] -> CLIP mean/std normalisation -> the box filled with the CLIP mean values
+on the normalised image) runs on the device: `tipr_jax.data.device_images`. All randomness comes
+from the given `np.random.Generator`.
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ from PIL import Image
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-# Per-channel lookup table: _LUT[c, v] = (v / 255 - mean[c]) / std[c], computed in float64.
-_LUT = ((np.arange(256, dtype=np.float64)[None, :] / 255.0 - CLIP_MEAN.astype(np.float64)[:, None])
-        / CLIP_STD.astype(np.float64)[:, None]).astype(np.float32)
 
 PAD = 10
 FLIP_PROB = 0.5
@@ -41,14 +39,6 @@ def resize(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
   if img.size != (w, h):
     img = img.resize((w, h), Image.BILINEAR)
   return np.asarray(img, dtype=np.uint8)
-
-
-def normalize(img: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> float32, (x / 255 - mean) / std (a table lookup per channel)."""
-  out = np.empty(img.shape, np.float32)
-  for c in range(3):
-    np.take(_LUT[c], img[..., c], out=out[..., c])
-  return out
 
 
 def flip_pad_crop(img: np.ndarray, rng: np.random.Generator, *, pad: int = PAD,
@@ -86,31 +76,34 @@ def erase_box(h: int, w: int, rng: np.random.Generator, *, scale=ERASE_SCALE,
   return None
 
 
-def random_erase(img: np.ndarray, rng: np.random.Generator, *, prob: float = ERASE_PROB,
-                 value: np.ndarray = CLIP_MEAN) -> np.ndarray:
-  """In place on a normalised float image [H, W, 3]: fill a random box with `value` w.p. `prob`."""
+NO_ERASE = np.zeros(4, np.int32)
+
+
+def random_erase_box(h: int, w: int, rng: np.random.Generator, *,
+                     prob: float = ERASE_PROB) -> np.ndarray:
+  """RandomErasing's draw for an [h, w] image: int32 (top, left, h, w) w.p. `prob`, else zeros."""
   if rng.random() < prob:
-    box = erase_box(img.shape[0], img.shape[1], rng)
+    box = erase_box(h, w, rng)
     if box is not None:
-      top, left, eh, ew = box
-      img[top:top + eh, left:left + ew] = value
-  return img
+      return np.asarray(box, np.int32)
+  return NO_ERASE.copy()
 
 
 def test_transform(img: Image.Image | bytes, size: tuple[int, int]) -> np.ndarray:
-  """Evaluation transform: float32 [H, W, 3]."""
+  """Evaluation transform, host half: uint8 [H, W, 3] (normalised on the device)."""
   if isinstance(img, bytes):
     img = decode(img)
-  return normalize(resize(img, size))
+  return resize(img, size)
 
 
 def train_transform(img: Image.Image | bytes, rng: np.random.Generator, size: tuple[int, int], *,
-                    augment: bool = True) -> np.ndarray:
-  """Training transform (reference `--img_aug`): float32 [H, W, 3]. `augment=False` = test."""
+                    augment: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Training transform (reference `--img_aug`), host half: (uint8 [H, W, 3], erase box int32
+  [4]). `augment=False` = the test transform and no box."""
   if isinstance(img, bytes):
     img = decode(img)
   arr = resize(img, size)
   if not augment:
-    return normalize(arr)
-  out = normalize(flip_pad_crop(arr, rng))
-  return random_erase(out, rng)
+    return arr, NO_ERASE.copy()
+  arr = flip_pad_crop(arr, rng)
+  return arr, random_erase_box(*size, rng)

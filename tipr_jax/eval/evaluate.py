@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from tipr_jax.data import device_images
 from tipr_jax.training import batch_log, sharding
 
 PyTree = Any
@@ -25,6 +26,12 @@ def make_encoder(encode_fn: Callable[[PyTree, jax.Array], jax.Array], mesh: Mesh
     f = encode_fn(params, x).astype(jnp.float32)
     return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
   return jax.jit(encode, out_shardings=sharding.batch_sharded(mesh))
+
+
+def make_image_encoder(encode_image: Callable[[PyTree, jax.Array], jax.Array], mesh: Mesh
+                       ) -> Callable[[PyTree, jax.Array], jax.Array]:
+  """`make_encoder` for images: uint8 pixels [B,H,W,3] are normalized on the device first."""
+  return make_encoder(lambda params, x: encode_image(params, device_images.model_images(x)), mesh)
 
 
 def encode_all(encoder: Callable, params: PyTree, batches: Iterable[dict], key: str,

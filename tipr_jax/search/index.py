@@ -111,7 +111,7 @@ def _folder_batches(root: str, names: Sequence[str], size: tuple[int, int], batc
   buf: list[np.ndarray] = []
 
   def emit(n: int) -> dict[str, np.ndarray]:
-    images = np.zeros((batch, *size, 3), np.float32)
+    images = np.zeros((batch, *size, 3), np.uint8)
     images[:n] = np.stack(buf[:n])
     del buf[:n]
     return {"images": images, "valid": np.arange(batch) < n}

@@ -125,7 +125,7 @@ class Model:
   mesh: Any
 
   def __post_init__(self):
-    self._enc_img = evaluate_lib.make_encoder(self.method.encode_image, self.mesh)
+    self._enc_img = evaluate_lib.make_image_encoder(self.method.encode_image, self.mesh)
     self._enc_txt = evaluate_lib.make_encoder(self.method.encode_text, self.mesh)
 
   @property
@@ -133,7 +133,7 @@ class Model:
     return self.tokenizer.context_length
 
   def encode_images(self, images: np.ndarray) -> np.ndarray:
-    """Test-transformed images float32 [B, H, W, 3] -> normalized features float32 [B, D].
+    """Test-transformed images uint8 [B, H, W, 3] -> normalized features float32 [B, D].
 
     B must be a multiple of the device count.
     """

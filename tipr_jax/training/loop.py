@@ -93,7 +93,7 @@ class Evaluator:
   split: str
 
   def __post_init__(self):
-    self._enc_img = evaluate_lib.make_encoder(self.method.encode_image, self.mesh)
+    self._enc_img = evaluate_lib.make_image_encoder(self.method.encode_image, self.mesh)
     self._enc_txt = evaluate_lib.make_encoder(self.method.encode_text, self.mesh)
 
   def __call__(self, params) -> dict[str, float]:

@@ -2,6 +2,8 @@
 
 `make_train_step(method, tx, config)` returns `step(state, batch) -> (state, metrics)`, a pure
 function; the caller jits it with donated state and batch-sharded inputs (`jit_train_step`).
+The batch's images arrive as the pipeline's uint8 pixels and erase boxes and are normalized
+inside the step (`device_images.prepare_batch`); float images are taken as already normalized.
 
 Gradient accumulation keeps the loss exact: with k micro-batches the step runs `forward` on each
 micro-batch without gradients, evaluates `loss` ONCE on the concatenated outputs (so contrastive
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tipr_jax.data import device_images
 from tipr_jax.methods.base import Method
 
 PyTree = Any
@@ -94,6 +97,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, config,
     if batch_size % accum:
       raise ValueError(f"batch size {batch_size} is not divisible by "
                        f"config.train.grad_accum_steps={accum}")
+    batch = device_images.prepare_batch(batch)  # uint8 pixels -> normalized, erased float32
     batch = dict(batch, example_index=jnp.arange(batch_size, dtype=jnp.int32))
     rng, step_rng = jax.random.split(state.rng)
     loss, metrics, grads = loss_and_grads(method, state.params, batch, step_rng, state.step, accum)
