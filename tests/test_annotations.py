@@ -137,3 +137,34 @@ def test_drop_empty_captions():
   kept, dropped = A.drop_empty_captions(entries)
   assert dropped == 2
   assert kept[0].captions == ('x',) and kept[1] is entries[1]
+
+
+def test_every_malformed_entry_is_reported_at_once(tmp_path):
+  items = fx.entries(train_ids=3, eval_ids=1, imgs_per_id=2, caps_per_img=1)
+  items[1].pop('captions')
+  items[4]['id'] = 'x'
+  items[6]['split'] = 3
+  root = _write(tmp_path, A.CUHK_PEDES, items)
+  with pytest.raises(ValueError) as e:
+    A.read_annotations(A.CUHK_PEDES, root)
+  msg = str(e.value)
+  assert msg.startswith(f"{root / 'CUHK-PEDES' / 'reid_raw.json'}: 3 malformed entries:")
+  assert "entry 1: missing field 'captions'" in msg
+  assert "entry 4: field 'id': expected an integer, got str" in msg
+  assert "entry 6: field 'split': expected a string" in msg
+  assert '--skip_bad' in msg
+  # skip_bad: the good entries, and the bad ones with their split (or 'unknown') and reason.
+  ann = A.read_annotations(A.CUHK_PEDES, root, skip_bad=True)
+  assert [e.index for e in ann.entries] == [0, 2, 3, 5, 7]
+  assert [(m.index, m.split) for m in ann.malformed] == [(1, 'train'), (4, 'train'), (6, 'unknown')]
+  assert "missing field 'captions'" in ann.malformed[0].reason
+
+
+def test_many_malformed_entries_list_the_first_twenty_and_the_count(tmp_path):
+  items = fx.entries(train_ids=30, imgs_per_id=1, caps_per_img=1)
+  for it in items[:25]:
+    it['captions'] = 'one string'
+  root = _write(tmp_path, A.CUHK_PEDES, items)
+  with pytest.raises(ValueError, match=r'25 malformed entries \(first 20\):') as e:
+    A.read_annotations(A.CUHK_PEDES, root)
+  assert 'entry 19:' in str(e.value) and 'entry 20:' not in str(e.value)

@@ -192,3 +192,51 @@ def test_synthetic_builder_generates_without_manual_dir(tmp_path):
   assert sorted(os.listdir(tmp_path / 'tfds')) == ['synthetic']
   with pytest.raises(ValueError, match='--manual_dir is required for cuhk_pedes'):
     prepare.prepare('cuhk_pedes', data_dir=tmp_path / 'tfds', manual_dir=None)
+
+
+def test_skip_bad_leaves_out_malformed_entries_and_reports_them(tmp_path):
+  items = fx.entries(train_ids=3, eval_ids=1, imgs_per_id=2, caps_per_img=2)
+  items[6]['captions'] = 'not a list'   # a test entry
+  raw = fx.write(tmp_path / 'raw', A.CUHK_PEDES, items, skip_images={items[2]['file_path']})
+  with pytest.raises(ValueError, match=r"entry 6: field 'captions'"):
+    prepare.prepare('cuhk_pedes', data_dir=tmp_path / 'tfds', manual_dir=raw, progress=False)
+  _assert_nothing_built(tmp_path / 'tfds', 'cuhk_pedes')
+  out = prepare.prepare('cuhk_pedes', data_dir=tmp_path / 'tfds', manual_dir=raw, skip_bad=True,
+                        progress=False)
+  report = json.loads((out / prepare.REPORT_NAME).read_text())
+  assert report['num_entries'] == len(items) and report['num_skipped'] == 2
+  assert [(s['entry_index'], s['split']) for s in report['skipped']] == [(2, 'train'), (6, 'test')]
+  assert report['skipped'][0]['reason'] == 'file not found'
+  assert report['skipped'][1]['file'] == str(raw / 'CUHK-PEDES' / 'reid_raw.json')
+  assert "field 'captions': expected a list of strings" in report['skipped'][1]['reason']
+  assert [int(r['entry_index']) for r in _records(tmp_path / 'tfds', 'cuhk_pedes', 'test')] == [7]
+
+
+def test_synthetic_keeps_the_generator_files_beside_the_records(tmp_path):
+  out = prepare.prepare('synthetic', data_dir=tmp_path / 'tfds', manual_dir=None,
+                        synthetic_identities=12, progress=False)
+  for name in builders.Synthetic.SIDE_FILES:
+    assert (out / name).stat().st_size > 0, name
+  report = json.loads((out / prepare.REPORT_NAME).read_text())
+  assert sorted(report['side_files']) == sorted(builders.Synthetic.SIDE_FILES)
+  words = (out / 'attribute_words.txt').read_text().split()
+  assert 'backpack' in words or len(words) > 10
+
+
+def test_synthetic_refuses_a_manual_dir_without_the_cuhk_layout(tmp_path):
+  items = fx.entries(train_ids=2, eval_ids=1, imgs_per_id=1, caps_per_img=1, layout=A.ICFG_PEDES)
+  raw = fx.write(tmp_path / 'raw', A.ICFG_PEDES, items)
+  with pytest.raises(FileNotFoundError, match=r'CUHK-PEDES/reid_raw.json not found.*icfg_pedes'):
+    prepare.prepare('synthetic', data_dir=tmp_path / 'tfds', manual_dir=raw, progress=False)
+  assert not (tmp_path / 'tfds').exists() or os.listdir(tmp_path / 'tfds') == []
+
+
+def test_a_killed_builds_temporary_dir_is_cleaned_up(tmp_path):
+  items = fx.entries(train_ids=2, eval_ids=1, imgs_per_id=1, caps_per_img=1)
+  raw = fx.write(tmp_path / 'raw', A.CUHK_PEDES, items)
+  stale = tmp_path / 'tfds' / '.prepare-cuhk_pedes-abc123' / 'data'
+  stale.mkdir(parents=True)
+  other = tmp_path / 'tfds' / '.prepare-rstpreid-xyz'
+  other.mkdir()
+  prepare.prepare('cuhk_pedes', data_dir=tmp_path / 'tfds', manual_dir=raw, progress=False)
+  assert sorted(os.listdir(tmp_path / 'tfds')) == ['.prepare-rstpreid-xyz', 'cuhk_pedes']

@@ -23,6 +23,7 @@ import pathlib
 from typing import Sequence
 
 SPLITS = ('train', 'test', 'val')
+MAX_LISTED_ENTRIES = 20  # malformed entries shown in full in one error message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +89,19 @@ class EvalSet:
 
 
 @dataclasses.dataclass(frozen=True)
+class MalformedEntry:
+  """An annotation entry that fails validation: its index, split (or 'unknown') and the error."""
+  index: int
+  split: str
+  reason: str      # the full message, naming the file, the entry and the field
+
+
+@dataclasses.dataclass(frozen=True)
 class Annotations:
   layout: Layout
   path: pathlib.Path          # the annotation file
   entries: list[Entry]
+  malformed: list[MalformedEntry] = dataclasses.field(default_factory=list)  # left out (skip_bad)
 
   def split(self, name: str) -> list[Entry]:
     if name not in SPLITS:
@@ -125,41 +135,77 @@ def _parse_id(path, index, value) -> int:
   return value
 
 
-def parse_entries(raw: object, layout: Layout, path: str | pathlib.Path) -> list[Entry]:
-  """Validates a decoded annotation list and applies the id rules. `path` is used in messages."""
+def _parse_entry(item: object, i: int, layout: Layout, path) -> Entry:
+  """One annotation object -> Entry (id rule applied); ValueError naming the entry and field."""
+  if not isinstance(item, dict):
+    raise ValueError(f'{path}: entry {i}: expected a JSON object, got {type(item).__name__}')
+  for field in ('id', 'split', layout.path_field, 'captions'):
+    if field not in item:
+      raise ValueError(f'{path}: entry {i}: missing field {field!r} (expected the fields '
+                       f"'id', 'split', {layout.path_field!r}, 'captions')")
+  raw_id = _parse_id(path, i, item['id'])
+  split = item['split']
+  if not isinstance(split, str):
+    raise _field_error(path, i, 'split', 'a string', split)
+  image_path = item[layout.path_field]
+  if not isinstance(image_path, str) or not image_path:
+    raise _field_error(path, i, layout.path_field, 'a non-empty string (image path)', image_path)
+  captions = item['captions']
+  if not isinstance(captions, list):
+    raise _field_error(path, i, 'captions', 'a list of strings', captions)
+  for j, caption in enumerate(captions):
+    if not isinstance(caption, str):
+      raise _field_error(path, i, f'captions[{j}]', 'a string', caption)
+  split = normalise_split(split)
+  pid = raw_id + layout.train_pid_offset if split == 'train' else raw_id
+  return Entry(index=i, split=split, raw_id=raw_id, pid=pid, image_path=image_path,
+               captions=tuple(captions))
+
+
+def _entry_split(item: object) -> str:
+  """The split of a (possibly malformed) entry for reports: train/test/val, or 'unknown'."""
+  split = item.get('split') if isinstance(item, dict) else None
+  return normalise_split(split) if isinstance(split, str) else 'unknown'
+
+
+def parse_entries(raw: object, layout: Layout, path: str | pathlib.Path, *,
+                  skip_bad: bool = False) -> tuple[list[Entry], list[MalformedEntry]]:
+  """Validates a decoded annotation list and applies the id rules. `path` is used in messages.
+
+  Every entry is checked. Malformed ones make one ValueError that lists the first
+  MAX_LISTED_ENTRIES and the count, unless `skip_bad`: then they are left out and returned as
+  the second element (empty otherwise).
+  """
   if not isinstance(raw, list):
     raise ValueError(f'{path}: expected a JSON list of objects at the top level, '
                      f'got {type(raw).__name__}')
-  entries = []
+  entries, bad = [], []
   for i, item in enumerate(raw):
-    if not isinstance(item, dict):
-      raise ValueError(f'{path}: entry {i}: expected a JSON object, got {type(item).__name__}')
-    for field in ('id', 'split', layout.path_field, 'captions'):
-      if field not in item:
-        raise ValueError(f'{path}: entry {i}: missing field {field!r} (expected the fields '
-                         f"'id', 'split', {layout.path_field!r}, 'captions')")
-    raw_id = _parse_id(path, i, item['id'])
-    split = item['split']
-    if not isinstance(split, str):
-      raise _field_error(path, i, 'split', 'a string', split)
-    image_path = item[layout.path_field]
-    if not isinstance(image_path, str) or not image_path:
-      raise _field_error(path, i, layout.path_field, 'a non-empty string (image path)', image_path)
-    captions = item['captions']
-    if not isinstance(captions, list):
-      raise _field_error(path, i, 'captions', 'a list of strings', captions)
-    for j, caption in enumerate(captions):
-      if not isinstance(caption, str):
-        raise _field_error(path, i, f'captions[{j}]', 'a string', caption)
-    split = normalise_split(split)
-    pid = raw_id + layout.train_pid_offset if split == 'train' else raw_id
-    entries.append(Entry(index=i, split=split, raw_id=raw_id, pid=pid, image_path=image_path,
-                         captions=tuple(captions)))
-  return entries
+    try:
+      entries.append(_parse_entry(item, i, layout, path))
+    except ValueError as e:
+      bad.append(MalformedEntry(i, _entry_split(item), str(e)))
+  if bad and not skip_bad:
+    raise ValueError(format_malformed(bad, path))
+  return entries, bad
 
 
-def read_annotations(layout: Layout, root: str | pathlib.Path) -> Annotations:
-  """Reads and validates `root/<DATASET>/<annotation file>`."""
+def format_malformed(bad: Sequence[MalformedEntry], path) -> str:
+  """One message for all malformed entries: the first few in full, then the count."""
+  if len(bad) == 1:
+    return (f'{bad[0].reason}\n(1 malformed entry; `tipr_jax.data.prepare --skip_bad` leaves '
+            'malformed entries out and lists them in prepare_report.json)')
+  shown = bad[:MAX_LISTED_ENTRIES]
+  head = f'{path}: {len(bad)} malformed entries' + (
+      f' (first {len(shown)}):' if len(bad) > len(shown) else ':')
+  return '\n'.join([head] + [f'  {b.reason}' for b in shown] + [
+      '`tipr_jax.data.prepare --skip_bad` leaves malformed entries out and lists them in '
+      'prepare_report.json.'])
+
+
+def read_annotations(layout: Layout, root: str | pathlib.Path, *,
+                     skip_bad: bool = False) -> Annotations:
+  """Reads and validates `root/<DATASET>/<annotation file>` (malformed entries: `parse_entries`)."""
   path = layout.annotation_path(root)
   if not path.is_file():
     raise FileNotFoundError(f'{path}: annotation file not found; expected the layout '
@@ -171,9 +217,9 @@ def read_annotations(layout: Layout, root: str | pathlib.Path) -> Annotations:
     raise ValueError(f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}') from None
   except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not UTF-8 text ({e})') from None
-  entries = parse_entries(raw, layout, path)
+  entries, malformed = parse_entries(raw, layout, path, skip_bad=skip_bad)
   check_train_pids([e.pid for e in entries if e.split == 'train'], source=path, layout=layout)
-  return Annotations(layout=layout, path=path, entries=entries)
+  return Annotations(layout=layout, path=path, entries=entries, malformed=malformed)
 
 
 def check_train_pids(pids: Sequence[int], *, source, layout: Layout) -> int:

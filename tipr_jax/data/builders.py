@@ -27,6 +27,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import shutil
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ from PIL import Image
 from PIL import ImageFile
 
 from tipr_jax.data import annotations
+from tipr_jax.data import synthetic
 
 DATASET_VERSION = '1.0.0'
 MAX_LISTED_PROBLEMS = 20
@@ -53,7 +55,7 @@ class BadInputsError(ValueError):
 class Problem:
   entry_index: int
   split: str
-  file: str      # absolute image path
+  file: str      # absolute image path (the annotation file for a malformed entry)
   reason: str
 
   def as_dict(self) -> dict:
@@ -139,6 +141,7 @@ class _PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._max_side = max_side
     self._progress = progress
     self.report: dict = {}
+    self.source_root: pathlib.Path | None = None  # the layout root read (set while building)
     kwargs.setdefault('file_format', 'array_record')
     super().__init__(**kwargs)
 
@@ -164,7 +167,8 @@ class _PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     root = self._source_root(dl_manager)
-    ann = annotations.read_annotations(self.LAYOUT, root)
+    self.source_root = root
+    ann = annotations.read_annotations(self.LAYOUT, root, skip_bad=self._skip_bad)
     image_dir = self.LAYOUT.image_dir(root)
     num_classes = len({e.pid for e in ann.entries if e.split == 'train'})
     problems = check_images(ann.entries, image_dir, num_threads=self._check_threads,
@@ -172,6 +176,8 @@ class _PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if problems and not self._skip_bad:
       raise BadInputsError(format_problems(problems, ann.path), problems)
     bad = {p.entry_index for p in problems}
+    problems = sorted(problems + [Problem(m.index, m.split, str(ann.path), m.reason)
+                                  for m in ann.malformed], key=lambda p: p.entry_index)
     kept = [e for e in ann.entries if e.index not in bad]
     kept, dropped_total = annotations.drop_empty_captions(kept)
     by_split = {s: [e for e in kept if e.split == s] for s in annotations.SPLITS}
@@ -196,7 +202,7 @@ class _PedesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         }
     self.report = {
         'dataset': self.name, 'annotation_file': str(ann.path), 'image_dir': str(image_dir),
-        'num_entries': len(ann.entries), 'num_skipped': len(problems),
+        'num_entries': len(ann.entries) + len(ann.malformed), 'num_skipped': len(problems),
         'skipped': [p.as_dict() for p in problems],
         'dropped_empty_captions': dropped,
         'splits': {s: {k: v for k, v in m.items() if k != 'caption_counts'}
@@ -244,9 +250,13 @@ class Rstpreid(_PedesBuilder):
 class Synthetic(_PedesBuilder):
   """Synthetic data in the CUHK-PEDES layout.
 
-  Uses <manual_dir> if it holds a generated CUHK-PEDES layout, otherwise generates one with
-  `tipr_jax.data.synthetic.generate(..., identities, seed, layout='cuhk')` in the download dir.
+  Uses <manual_dir> if given (it must hold a CUHK-PEDES layout: `prepare` checks), otherwise
+  generates one with `tipr_jax.data.synthetic.generate(..., identities, seed, layout='cuhk')` in
+  the download dir. `copy_side_files` then keeps the generator's vocabulary, attribute words,
+  per-image attributes and manifest beside the records.
   """
+  SIDE_FILES = (synthetic.MANIFEST, synthetic.ATTRIBUTES_FILE, synthetic.ATTRIBUTE_WORDS_FILE,
+                synthetic.BPE_FILE)
   LAYOUT = annotations.CUHK_PEDES
   MANUAL_DOWNLOAD_INSTRUCTIONS = _instructions(annotations.CUHK_PEDES)
 
@@ -262,7 +272,6 @@ class Synthetic(_PedesBuilder):
         return root
     except AssertionError:  # no or empty manual dir: generate
       pass
-    from tipr_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     out = pathlib.Path(dl_manager.download_dir) / f'synthetic_{self._identities}_{self._seed}'
     path = pathlib.Path(synthetic.generate(os.fspath(out), identities=self._identities,
                                            seed=self._seed, layout='cuhk'))
@@ -270,6 +279,16 @@ class Synthetic(_PedesBuilder):
       if self.LAYOUT.annotation_path(cand).is_file():
         return cand
     raise FileNotFoundError(f'synthetic.generate wrote no {self.LAYOUT.annotation_file} under {out}')
+
+  def copy_side_files(self, dest: pathlib.Path) -> list[str]:
+    """Copies the generator's side files found beside the annotation into `dest`; their names."""
+    src = self.LAYOUT.annotation_path(self.source_root).parent
+    copied = []
+    for name in self.SIDE_FILES:
+      if (src / name).is_file():
+        shutil.copyfile(src / name, dest / name)
+        copied.append(name)
+    return copied
 
 
 BUILDERS: dict[str, type[_PedesBuilder]] = {

@@ -31,6 +31,14 @@ def output_dir(dataset: str, data_dir: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(data_dir) / dataset / builders.DATASET_VERSION
 
 
+def _remove_stale_builds(data_dir: pathlib.Path, dataset: str) -> None:
+  """Deletes temporary build directories a killed `prepare` of `dataset` left behind."""
+  if data_dir.is_dir():
+    for stale in data_dir.glob(f'.prepare-{dataset}-*'):
+      if stale.is_dir():
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def prepare(dataset: str, *, data_dir: str | os.PathLike, manual_dir: str | os.PathLike | None,
             skip_bad: bool = False, overwrite: bool = False, max_side: int | None = None,
             check_threads: int = 4, progress: bool = True, synthetic_identities: int = 64,
@@ -47,6 +55,14 @@ def prepare(dataset: str, *, data_dir: str | os.PathLike, manual_dir: str | os.P
     raise ValueError(f'--manual_dir is required for {dataset}: {cls.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   if manual_dir is not None and not pathlib.Path(manual_dir).is_dir():
     raise FileNotFoundError(f'manual_dir {manual_dir} is not a directory')
+  if cls is builders.Synthetic and manual_dir is not None:
+    ann = cls.LAYOUT.annotation_path(manual_dir)
+    if not ann.is_file():
+      raise FileNotFoundError(
+          f'{ann} not found: --dataset=synthetic reads a CUHK-PEDES layout (tipr_jax.data.synthetic '
+          '--layout=cuhk). Prepare an icfg or rstp layout with --dataset=icfg_pedes or '
+          '--dataset=rstpreid, or omit --manual_dir to generate the data.')
+  _remove_stale_builds(pathlib.Path(data_dir), dataset)
   final = output_dir(dataset, data_dir)
   if final.exists():
     if not overwrite:
@@ -67,6 +83,8 @@ def prepare(dataset: str, *, data_dir: str | os.PathLike, manual_dir: str | os.P
     built = tmp / 'data' / dataset / builders.DATASET_VERSION
     if not (built / 'dataset_info.json').is_file():
       raise RuntimeError(f'TFDS finished but {built} holds no dataset_info.json')
+    if isinstance(builder, builders.Synthetic):
+      builder.report['side_files'] = builder.copy_side_files(built)
     (built / REPORT_NAME).write_text(json.dumps(builder.report, indent=2))
     if final.exists():
       shutil.rmtree(final)
@@ -82,8 +100,9 @@ _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', None, 'Root holding <DATASET>/<annotation json> and <DATASET>/imgs/ (optional '
     'for synthetic: generated when absent).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Output TFDS data dir.')
-_SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'Leave out entries whose image is missing or '
-                              'does not decode (listed in prepare_report.json) instead of failing.')
+_SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'Leave out malformed entries and entries whose '
+                              'image is missing or does not decode (listed in '
+                              'prepare_report.json) instead of failing.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing build.')
 _MAX_SIDE = flags.DEFINE_integer('max_side', None, 'Optional: re-encode images whose longer side '
                                  'exceeds this (JPEG q=95). Default: keep the original bytes.')
