@@ -182,6 +182,25 @@ def test_grid_outlines_hits_green_and_misses_red(tmp_path):
     grid.draw_grid([], lambda i: images[i])
 
 
+def test_grid_text_fits_with_few_results_and_missing_images_are_reported(tmp_path):
+  long_query = "a person in blue " * 12
+  matches = [query_lib.Match(rank=1, index=0, file="gone/0.png", score=0.5, identity=7, hit=False)]
+  res = query_lib.QueryResult(query=long_query, identity=3, identity_source="caption",
+                              relevant=2, matches=matches, truncated=True)
+
+  def image(i):
+    raise FileNotFoundError(f"no image {i}")
+
+  with pytest.warns(UserWarning, match=r"1 result image\(s\) could not be read.*gone/0.png"):
+    pic = grid.draw_grid([res], image, str(tmp_path / "g.png"), thumb=(40, 100))
+  assert pic.width >= grid.MIN_WIDTH
+  # Every header line fits: nothing is drawn in the right margin above the images.
+  cell_top = next(y for y in range(pic.height) if pic.getpixel((grid.MARGIN + 1, y)) == grid.MISS)
+  for y in range(cell_top):
+    for x in range(pic.width - grid.MARGIN + 2, pic.width):
+      assert pic.getpixel((x, y)) == (255, 255, 255), (x, y)
+
+
 def test_fingerprint_follows_every_parameter_and_the_model_config():
   import jax.numpy as jnp
   from ml_collections import config_dict
@@ -387,7 +406,8 @@ def test_cli_query_json_text_and_picture(smoke, built_index, test_split, tmp_pat
                                                   test_split.query_captions[-1]]
   assert out["queries"][0]["identity"] is None
   assert out["queries"][1]["identity"] == int(test_split.query_pids[0])
-  assert out["queries"][2]["identity"] == str(test_split.query_pids[-1])
+  # A given identity ("ID<TAB>" text) takes the index's type: the same int as a caption's.
+  assert out["queries"][2]["identity"] == int(test_split.query_pids[-1])
   assert out["queries"][2]["identity_source"] == "given"
   for q in out["queries"]:
     assert [m["rank"] for m in q["results"]] == [1, 2, 3]
@@ -398,6 +418,13 @@ def test_cli_query_json_text_and_picture(smoke, built_index, test_split, tmp_pat
   assert rc == 0 and text.startswith("query 1: ") and len(text.strip().splitlines()) == 3
   assert cli_main(["query", f"--index={built_index.path}", ""]) == 1
   assert "query 1 is empty" in capsys.readouterr().err
+  # A reader that leaves early (`| head`) ends the command quietly, without a traceback.
+  proc = subprocess.Popen([sys.executable, "-m", "tipr_jax.search", "query",
+                           f"--index={built_index.path}", caption, "--top_k=5"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+  proc.stdout.close()  # gone before the results are written (the model takes seconds to load)
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
   with pytest.raises(SystemExit) as exit_info:
     cli_main(["query", f"--index={built_index.path}", "a", "b", "--identity=3"])
   assert exit_info.value.code == 2

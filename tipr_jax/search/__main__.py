@@ -183,12 +183,16 @@ def main(argv: list[str] | None = None) -> int:
   with warnings.catch_warnings():
     warnings.showwarning = _show_warning
     try:
-      if args.command == "index":
-        return _run_index(args)
-      return _run_query(args, parser)
+      status = _run_index(args) if args.command == "index" else _run_query(args, parser)
+      sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+      return status
     except _ERRORS as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
+    except BrokenPipeError:  # e.g. `... | head`: the reader left; stop quietly, like other tools
+      devnull = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail too
+      return 141
 
 
 def _use_every_cpu_core() -> None:

@@ -6,6 +6,7 @@ that identity are outlined green and the others red (grey when unknown).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -21,6 +22,7 @@ PANEL = (238, 238, 238)
 BORDER = 5
 GAP = 10
 MARGIN = 16
+MIN_WIDTH = 520  # room for the identity line and the legend when there are few results
 
 
 def _font(size: int, bold: bool = False) -> ImageFont.ImageFont:
@@ -108,7 +110,7 @@ def draw_grid(results: Sequence[QueryResult], image: Callable[[int], Image.Image
   tw, th = thumb
   cols = max(1, min(per_row, max(len(r.matches) for r in results)))
   cell_w, cell_h = tw + 2 * BORDER, th + 2 * BORDER
-  width = 2 * MARGIN + cols * cell_w + (cols - 1) * GAP
+  width = max(MIN_WIDTH, 2 * MARGIN + cols * cell_w + (cols - 1) * GAP)
   f_query, f_small, f_rank = _font(16, bold=True), _font(12), _font(13, bold=True)
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   caption_h = 36
@@ -116,21 +118,24 @@ def draw_grid(results: Sequence[QueryResult], image: Callable[[int], Image.Image
   for qi, r in enumerate(results):
     prefix = f"{qi + 1}. " if len(results) > 1 else ""
     lines = _wrap(measure, f"{prefix}“{r.query}”", f_query, width - 2 * MARGIN)
+    id_lines = _wrap(measure, _identity_line(r), f_small, width - 2 * MARGIN)
     rows = max(1, -(-len(r.matches) // cols))
-    head_h = len(lines) * 21 + 22
-    blocks.append((r, lines, rows, head_h, head_h + rows * (cell_h + caption_h) + GAP))
+    head_h = len(lines) * 21 + len(id_lines) * 16 + 6
+    blocks.append((r, lines, id_lines, rows, head_h, head_h + rows * (cell_h + caption_h) + GAP))
   has_identity = any(r.identity is not None for r in results)
   legend_h = 26 if has_identity else 22
   height = 2 * MARGIN + sum(b[-1] for b in blocks) + legend_h
   canvas = Image.new("RGB", (width, height), (255, 255, 255))
   draw = ImageDraw.Draw(canvas)
   y = MARGIN
-  for bi, (r, lines, rows, head_h, block_h) in enumerate(blocks):
+  missing = []
+  for bi, (r, lines, id_lines, rows, head_h, block_h) in enumerate(blocks):
     if bi:  # a rule between query blocks
       draw.line([MARGIN, y - GAP // 2 - 4, width - MARGIN, y - GAP // 2 - 4], fill=PANEL, width=2)
     for i, line in enumerate(lines):
       draw.text((MARGIN, y + 21 * i), line, fill=INK, font=f_query)
-    draw.text((MARGIN, y + 21 * len(lines) + 2), _identity_line(r), fill=GREY, font=f_small)
+    for i, line in enumerate(id_lines):
+      draw.text((MARGIN, y + 21 * len(lines) + 2 + 16 * i), line, fill=GREY, font=f_small)
     top = y + head_h
     for m in r.matches:
       row, col = divmod(m.rank - 1, cols)
@@ -138,8 +143,9 @@ def draw_grid(results: Sequence[QueryResult], image: Callable[[int], Image.Image
       y0 = top + row * (cell_h + caption_h)
       try:
         pic = _fit(image(m.index), (tw, th))
-      except (OSError, KeyError, ValueError):
+      except (OSError, KeyError, ValueError) as e:
         pic = _placeholder((tw, th), "image missing")
+        missing.append(f"{m.file} ({type(e).__name__})")
       colour = UNKNOWN if m.hit is None else (HIT if m.hit else MISS)
       draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], fill=colour)
       canvas.paste(pic, (x0 + BORDER, y0 + BORDER))
@@ -159,6 +165,10 @@ def draw_grid(results: Sequence[QueryResult], image: Callable[[int], Image.Image
   note = "score: cosine similarity"
   if x + draw.textlength(note, font=f_small) <= width - MARGIN:
     draw.text((width - MARGIN, y + 4), note, fill=GREY, font=f_small, anchor="ra")
+  if missing:
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    warnings.warn(f"{len(missing)} result image(s) could not be read for the picture (drawn as "
+                  f"'image missing'): {shown}. Were the gallery images moved after indexing?")
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     canvas.save(out)

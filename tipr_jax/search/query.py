@@ -47,6 +47,8 @@ class Searcher:
     self.gallery = topk.make_gallery(index.rows(), model.mesh)
     ids = index.identities
     self._ids = None if ids is None else np.asarray([str(i) if i is not None else "" for i in ids])
+    # A given identity ("46" on the command line) takes the index's own value and type (46).
+    self._identity_by_text = {} if ids is None else {str(i): i for i in ids if i is not None}
 
   def search(self, queries: Sequence[str], k: int = 10,
              identities: Sequence[Any] | None = None) -> list[QueryResult]:
@@ -66,6 +68,8 @@ class Searcher:
     out = []
     for qi, text in enumerate(queries):
       ident, source = (identities[qi], "given") if identities is not None else (None, None)
+      if ident is not None:
+        ident = self._identity_by_text.get(str(ident), ident)
       if ident is None:
         ident = self.index.identity_of_caption(text)
         source = "caption" if ident is not None else None
