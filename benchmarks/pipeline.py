@@ -1,6 +1,6 @@
 """Training input pipeline throughput (decode + augment + tokenize + mask + batch) at 384x128.
 
-Run: `python -m benchmarks.pipeline [--identities 64] [--batches 12] [--batch 32]`. Generates a
+Run: `python -m benchmarks.pipeline [--identities 64] [--batches 24] [--batch 32]`. Generates a
 synthetic CUHK-layout dataset (tipr_jax.data.synthetic), prepares it as ArrayRecord, then times
 the Grain training iterator with 0, 1 and 2 worker processes. "per core" = images per CPU-second
 summed over the main process (all its threads) and the worker processes during the timed window.
@@ -171,7 +171,7 @@ def main() -> None:
   parser.add_argument('--workdir', default='/tmp/tipr_bench_pipeline')
   parser.add_argument('--identities', type=int, default=64)
   parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--batches', type=int, default=24)
   parser.add_argument('--workers', default='0,1,2')
   parser.add_argument('--no_docs', action='store_true')
   args = parser.parse_args()
