@@ -1,4 +1,5 @@
 """Checkpoints: exact round trip with the data iterator, interrupted saves, shape mismatches."""
+import logging
 import os
 import shutil
 
@@ -42,13 +43,16 @@ def test_restore_into_a_model_that_does_not_fit_names_the_parameter(tmp_path):
     ck.restore(wrong)
 
 
-def test_load_params_from_a_workdir_checks_shapes(tmp_path):
+def test_load_params_from_a_workdir_checks_shapes(tmp_path, caplog):
   best = checkpointing.BestCheckpointer(str(tmp_path))
   params = _state()["params"]
   best.save(7, params, {"R1": 50.0})
   assert best.best() == (7, {"R1": 50.0})
-  loaded = checkpointing.load_params(str(tmp_path), jax.eval_shape(lambda: params))
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    loaded = checkpointing.load_params(str(tmp_path), jax.eval_shape(lambda: params))
   np.testing.assert_array_equal(loaded["w"], params["w"])
+  # No noise about the step-level metadata that lives beside the item (best/7/, not best/7/params).
+  assert not [r for r in caplog.records if "metadata" in r.getMessage().lower()], caplog.text
   with pytest.raises(ValueError, match="does not fit"):
     checkpointing.load_params(str(tmp_path), {"w": jax.ShapeDtypeStruct((2, 4), jnp.float32),
                                               "b": jax.ShapeDtypeStruct((3,), jnp.float32)})

@@ -14,8 +14,10 @@ Directory layout inside a workdir:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -149,8 +151,33 @@ def _stored_shape(leaf) -> tuple:
   return tuple(getattr(leaf, "shape", ()))
 
 
+class _ItemDirNoise(logging.Filter):
+  """Drops Orbax's warnings about step-level metadata when a single item directory is read.
+
+  A CheckpointManager step keeps `_CHECKPOINT_METADATA` in `<step>/`, beside its items; reading
+  one item (`best/<step>/params`) with a StandardCheckpointer looks for it inside the item and
+  warns twice, although the item's own tree metadata is there and is what gets read.
+  """
+  _BENIGN = ("Metadata file does not exist", "Failed to get item metadata from directory")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._BENIGN)
+
+
+@contextlib.contextmanager
+def _item_checkpointer() -> Iterator[ocp.StandardCheckpointer]:
+  """A StandardCheckpointer for reading one item directory, without the benign warnings."""
+  logger, noise = logging.getLogger("absl"), _ItemDirNoise()
+  logger.addFilter(noise)
+  try:
+    yield ocp.StandardCheckpointer()
+  finally:
+    logger.removeFilter(noise)
+
+
 def _metadata_shapes(item_dir: epath.Path) -> dict[str, tuple]:
-  meta = ocp.StandardCheckpointer().metadata(item_dir)
+  with _item_checkpointer() as ckpt:
+    meta = ckpt.metadata(item_dir)
   tree = getattr(meta, "item_metadata", meta)
   tree = getattr(tree, "tree", tree)
   return _tree_shapes(tree)
@@ -200,10 +227,11 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
   """
   item_dir = find_params_dir(path)
   if item_dir.name == "state":  # a full train state: take its params subtree
-    meta = ocp.StandardCheckpointer().metadata(item_dir)
-    meta = getattr(meta, "item_metadata", meta)
-    meta = getattr(meta, "tree", meta)
-    restored = ocp.StandardCheckpointer().restore(item_dir, _host_local_target(meta))
+    with _item_checkpointer() as ckpt:
+      meta = ckpt.metadata(item_dir)
+      meta = getattr(meta, "item_metadata", meta)
+      meta = getattr(meta, "tree", meta)
+      restored = ckpt.restore(item_dir, _host_local_target(meta))
     if not isinstance(restored, dict) or "params" not in restored:
       raise ValueError(f"checkpoint {item_dir} holds no 'params' entry")
     params = restored["params"]
@@ -216,8 +244,9 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
                        + "\n  ".join(problems[:20]))
     return jax.tree_util.tree_map(np.asarray, params)
   check_fits(item_dir, abstract_params)
-  return jax.tree_util.tree_map(np.asarray, ocp.StandardCheckpointer().restore(
-      item_dir, _host_local_target(abstract_params)))
+  with _item_checkpointer() as ckpt:
+    params = ckpt.restore(item_dir, _host_local_target(abstract_params))
+  return jax.tree_util.tree_map(np.asarray, params)
 
 
 def _host_local_target(tree: PyTree) -> PyTree:
