@@ -12,6 +12,16 @@ def test_progress_line_lists_each_loss_term_and_accuracy():
   assert "finite" not in line and "ETA" in fields[-1]
 
 
+def test_progress_line_before_any_timed_step_shows_no_nan():
+  p = reporting.Progress(total_steps=10, global_batch=4)
+  line = p.line(1, 1, {"loss": 5.0, "lr": 1e-5, "tflops_per_s": float("nan")})
+  assert "nan" not in line and line.endswith("ETA unknown"), line
+  p.mark_compiled(1)
+  p._t0 -= 2.0  # pylint: disable=protected-access  (two seconds since the compiling step)
+  line = p.line(3, 1, {"loss": 5.0, "lr": 1e-5})
+  assert "4.0 pairs/s" in line and "ETA 0:00:0" in line, line
+
+
 def test_curves_plot_method_losses(tmp_path):
   rows = ['{"step": %d, "kind": "train", "loss": %f, "dcl_loss": %f}' % (s, 9 - s, 5 - s / 2)
           for s in range(1, 4)]

@@ -103,8 +103,12 @@ class Progress:
     for k in _loss_keys(metrics) + [k for k in metrics if k.endswith("_acc")] + ["lr"]:
       if k in metrics:
         parts.append(f"{k} {metrics[k]:.4g}")
+    if steps_per_s != steps_per_s:  # no timed step yet (the first step compiles)
+      parts.append("pairs/s after the compiling step")
+      parts.append("ETA unknown")
+      return " | ".join(parts)
     parts.append(f"{steps_per_s * self.batch:.1f} pairs/s")
-    if "tflops_per_s" in metrics:
+    if "tflops_per_s" in metrics and metrics["tflops_per_s"] == metrics["tflops_per_s"]:
       parts.append(f"{metrics['tflops_per_s']:.3g} TFLOP/s")
     parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU unknown")
     parts.append(f"ETA {_fmt_time(eta)}")
