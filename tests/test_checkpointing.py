@@ -1,7 +1,6 @@
 """Checkpoints: exact round trip with the data iterator, interrupted saves, shape mismatches."""
 import logging
 import os
-import shutil
 
 import numpy as np
 import jax

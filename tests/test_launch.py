@@ -44,7 +44,6 @@ def full_run(tmp_path_factory, data_root):
 
 
 def _final_params(workdir):
-  from tipr_jax.training import checkpointing
   import orbax.checkpoint as ocp
   ckpt_root = Path(workdir) / "checkpoints"
   last = max(int(d.name) for d in ckpt_root.iterdir() if d.name.isdigit())

@@ -11,7 +11,6 @@ Two savings with identical results (jax-stack.md, last section):
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from tipr_jax.methods import irra_terms
